@@ -1,0 +1,123 @@
+"""The memory network: a small MLP whose weights *are* the long-term memory.
+
+Every weight tensor carries leading batch axes (batch x heads, and optionally chunks), so one call evaluates
+many independent memories. `memory_grads` is the hand-written gradient of the inner loss used on the hot path;
+`memory_grads_autodiff` (vmap of grad) is its test oracle.
+
+Weights are a dict: `w0 .. w{depth-1}` (x @ w, GELU between layers, no biases) and, with the residual-norm
+wrapper of the paper/TTT, `gamma`: M(x) = LayerNorm(MLP(x)) * (1 + gamma) + x.
+"""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+LN_EPS = 1e-5
+
+
+def init_memory_weights(dim: int, depth: int, expansion: float, residual_norm: bool) -> dict:
+    """Xavier-uniform MLP weights dim -> hidden -> ... -> dim, and a zero gamma for the norm wrapper."""
+    if depth < 1:
+        raise ValueError(f"memory depth must be >= 1, got {depth}")
+    hidden = int(dim * expansion)
+    dims = [dim] + [hidden] * (depth - 1) + [dim]
+    weights = {"gamma": mx.zeros((dim,))} if residual_norm else {}
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        bound = math.sqrt(6.0 / (d_in + d_out))
+        weights[f"w{i}"] = mx.random.uniform(-bound, bound, (d_in, d_out))
+    return weights
+
+
+def _matrices(weights: dict) -> list:
+    return [weights[f"w{i}"] for i in range(sum(name.startswith("w") for name in weights))]
+
+
+def _layer_norm(h):
+    mu = h.mean(-1, keepdims=True)
+    centred = h - mu
+    rstd = mx.rsqrt((centred * centred).mean(-1, keepdims=True) + LN_EPS)
+    return centred * rstd, rstd
+
+
+def gelu_grad(a):
+    return 0.5 * (1.0 + mx.erf(a * (1 / math.sqrt(2)))) + a * mx.exp(-0.5 * a * a) * (1 / math.sqrt(2 * math.pi))
+
+
+def memory_forward(weights: dict, x):
+    """M_W(x) for x of shape (*batch, tokens, dim) and weights of shape (*batch, ...)."""
+    h = x
+    for i, w in enumerate(_matrices(weights)):
+        if i:
+            h = nn.gelu(h)
+        h = h @ w
+    if "gamma" in weights:
+        h = _layer_norm(h)[0] * (1 + weights["gamma"][..., None, :]) + x
+    return h
+
+
+def loss_grad(err, lr, loss: str, huber_delta):
+    """d(sum_i lr_i * mean_d loss(err_i)) / d err."""
+    d = err.shape[-1]
+    if loss == "huber":
+        return mx.clip(err, -huber_delta, huber_delta) * (lr[..., None] / d)
+    return err * (lr[..., None] * (2.0 / d))
+
+
+def memory_grads(weights: dict, keys, values, lr, loss: str = "l2", huber_delta=None) -> dict:
+    """Per-chunk gradients of L_j(W) = sum_{i in chunk j} lr_i * mean_d loss(M_W(k_i) - v_i), all taken at W.
+
+    weights: (B, ...) shared by the m chunks; keys, values: (B, m, c, d); lr: (B, m, c).
+    Returns a dict of (B, m, ...) gradients. Written by hand: one matmul per layer for the whole block, and
+    the per-chunk weight gradients as batched (in x c) @ (c x out) products.
+    """
+    B, m, c, d = keys.shape
+    x = keys.reshape(B, m * c, d)
+    mats = _matrices(weights)
+    inputs, pre_acts = [], []
+    h = x
+    for i, w in enumerate(mats):
+        if i:
+            pre_acts.append(h)
+            h = nn.gelu(h)
+        inputs.append(h)
+        h = h @ w
+    grads = {}
+    if "gamma" in weights:
+        normed, rstd = _layer_norm(h)
+        scale = 1 + weights["gamma"][:, None, :]
+        err = normed * scale + x - values.reshape(B, m * c, d)
+        dy = loss_grad(err, lr.reshape(B, m * c), loss, huber_delta)
+        grads["gamma"] = (dy * normed).reshape(B, m, c, d).sum(2)
+        dn = dy * scale
+        g = rstd * (dn - dn.mean(-1, keepdims=True) - normed * (dn * normed).mean(-1, keepdims=True))
+    else:
+        err = h - values.reshape(B, m * c, d)
+        g = loss_grad(err, lr.reshape(B, m * c), loss, huber_delta)
+    for i in reversed(range(len(mats))):
+        inp = inputs[i].reshape(B, m, c, -1)
+        grads[f"w{i}"] = inp.swapaxes(-1, -2) @ g.reshape(B, m, c, -1)
+        if i:
+            g = (g @ mats[i].swapaxes(-1, -2)) * gelu_grad(pre_acts[i - 1])
+    return {name: grads[name] for name in weights}
+
+
+def memory_loss(weights: dict, keys, values, lr, loss: str = "l2", huber_delta=None):
+    """The inner loss of one chunk, for one memory: keys, values (c, d), lr (c,)."""
+    err = memory_forward(weights, keys) - values
+    if loss == "huber":
+        a = mx.abs(err)
+        per = mx.where(a <= huber_delta, 0.5 * err * err, huber_delta * (a - 0.5 * huber_delta))
+    else:
+        per = err * err
+    return (per.mean(-1) * lr).sum()
+
+
+def memory_grads_autodiff(weights: dict, keys, values, lr, loss: str = "l2", huber_delta=None) -> dict:
+    """Oracle for `memory_grads`: vmap(grad) over batch and chunks."""
+    B, m = keys.shape[:2]
+    tiled = {n: mx.repeat(w[:, None], m, axis=1).reshape(B * m, *w.shape[1:]) for n, w in weights.items()}
+    flat = lambda t: t.reshape(B * m, *t.shape[2:])
+    fn = mx.vmap(mx.grad(lambda w, k, v, r: memory_loss(w, k, v, r, loss, huber_delta)))
+    g = fn(tiled, flat(keys), flat(values), flat(lr))
+    return {n: t.reshape(B, m, *t.shape[1:]) for n, t in g.items()}

@@ -1,0 +1,410 @@
+"""Titans neural long-term memory (Behrouz, Zhong, Mirrokni, arXiv 2501.00663, section 3).
+
+A memory MLP M_W is trained online, chunk by chunk, on the associative loss lr_t * ||M_W(k_t) - v_t||^2:
+
+    S_j = eta_j * S_{j-1} - grad_j          (momentum: past + momentary surprise)
+    W_j = (1 - alpha_j) * W_{j-1} + S_j     (forgetting)
+    y_t = M_{W_{(t+1)//c}}(q_t)             (retrieval: token t reads every chunk completed up to and with it)
+
+lr (theta) is per token and sits inside the loss; eta and alpha are per chunk, from the chunk's mean input.
+Every gradient of a chunk is taken at the weights at the start of its mini-batch: by default the chunk itself
+(the paper's mini-batch gradient descent); `batch_size` sets a longer mini-batch, and `batch_size=0` keeps
+titans-pytorch's default of taking every gradient at the initial weights.
+
+The call is `y, state = mem(x, state)`. Any split of a stream gives the outputs and final state of one call.
+"""
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .memory_model import init_memory_weights, memory_forward, memory_grads
+from .scan import scan
+
+PARALLEL_BLOCK = 64  # chunks solved at once when they share a gradient reference (bounds the weights kept)
+SEQUENTIAL_BLOCK = 8  # chunks unrolled into one compiled step when each chunk moves the reference
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    dim: int
+    heads: int = 1
+    dim_head: Optional[int] = None  # default dim // heads
+    chunk_size: int = 64
+    batch_size: Optional[int] = None  # tokens per mini-batch (multiple of chunk_size); None: one chunk; 0: never
+    depth: int = 2  # 1 = linear memory
+    expansion: float = 4.0
+    residual_norm: bool = True  # M(x) = LN(MLP(x)) * (1 + gamma) + x
+    momentum: bool = True
+    momentum_order: int = 1
+    weight_decay: bool = True
+    channelwise_decay: bool = False  # alpha in [0, 1]^dim_head instead of a scalar per head
+    max_lr: float = 0.1
+    per_head_init: bool = True  # learned initial weights per head, or one shared by all heads
+    pre_norm: bool = True
+    qk_rmsnorm: bool = False
+    post_rmsnorm: bool = False
+    conv_size: int = 0  # the paper's short depthwise causal conv on q/k/v (4); 0 = none
+    qkv_silu: bool = False
+    qk_l2norm: bool = False
+    loss: str = "l2"  # or "huber"
+    huber_delta: float = 1.0
+    max_grad_norm: Optional[float] = None  # clamp each gradient tensor's norm per chunk: g * M / max(|g|, M)
+    norm_eps: float = 1e-6
+    init_lr_bias: Optional[float] = None
+    init_momentum_bias: Optional[float] = None
+    init_decay_bias: Optional[float] = None
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"MemoryConfig: {msg}")
+
+        if self.dim < 1 or self.heads < 1 or self.chunk_size < 1 or self.depth < 1 or self.momentum_order < 1:
+            bad("dim, heads, chunk_size, depth and momentum_order must be >= 1")
+        if self.dim_head is None:
+            if self.dim % self.heads:
+                bad(f"dim {self.dim} is not divisible by heads {self.heads}; give dim_head")
+            object.__setattr__(self, "dim_head", self.dim // self.heads)
+        if self.batch_size is not None and (self.batch_size < 0 or self.batch_size % self.chunk_size):
+            bad(f"batch_size {self.batch_size} must be 0 or a multiple of chunk_size {self.chunk_size}")
+        if self.loss not in ("l2", "huber"):
+            bad(f"loss must be 'l2' or 'huber', got {self.loss!r}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            bad("max_grad_norm must be positive")
+        if self.conv_size < 0:
+            bad("conv_size must be >= 0")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.heads * self.dim_head
+
+    @property
+    def refresh_chunks(self) -> int:
+        """Chunks per mini-batch (gradient reference refresh period); 0 = never."""
+        if self.batch_size is None:
+            return 1
+        return self.batch_size // self.chunk_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MemoryConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"MemoryConfig: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _clamp_norm(g, max_norm):
+    """g * M / max(|g|, M) per (batch, chunk): shrinks large gradients, leaves small ones, never divides by 0."""
+    squared = (g * g).sum(axis=tuple(range(2, g.ndim)), keepdims=True)
+    return g * (max_norm * mx.rsqrt(mx.maximum(squared, max_norm * max_norm)))  # no sqrt(0): its grad is inf
+
+
+def _decay_gate(name, keep, shape, depth):
+    """Broadcast the forget gate (B, m) or channel-wise (B, m, d) to a weight tensor of per-chunk shape."""
+    if keep.ndim == 2:
+        return keep.reshape(*keep.shape, *([1] * len(shape)))
+    if name == "gamma":
+        return keep
+    if name == "w0":
+        return keep[..., :, None]
+    if name == f"w{depth - 1}":
+        return keep[..., None, :]
+    return keep.mean(-1)[..., None, None]
+
+
+def _chunks_step(cfg, weights, momentum, reference, keys, values, lr, eta, keep, queries, hp):
+    """Store m chunks whose gradients are all taken at `reference`, and retrieve g <= m groups of queries.
+
+    weights, reference: {name: (B, ...)}; momentum: {name: (o, B, ...)}; keys, values: (B, m, c, d);
+    lr: (B, m, c); eta: (o, B, m); keep = 1 - alpha: (B, m) or (B, m, d); queries: (B, g, c_q, d), group i
+    read with the weights after chunk i. Returns (weights, momentum, retrieved (B, g, c_q, d)).
+    """
+    grads = memory_grads(reference, keys, values, lr, cfg.loss, hp["huber_delta"])
+    new_weights, new_momentum, per_chunk = {}, {}, {}
+    for name, g in grads.items():
+        if cfg.max_grad_norm is not None:
+            g = _clamp_norm(g, hp["max_grad_norm"])
+        update = -g
+        if cfg.momentum:
+            carried = []
+            for order in range(cfg.momentum_order):
+                update = scan(eta[order], update, momentum[name][order])
+                carried.append(update[:, -1])
+            new_momentum[name] = mx.stack(carried)
+        gate = _decay_gate(name, keep, g.shape[2:], cfg.depth)
+        if cfg.weight_decay:
+            w_all = scan(gate, update, weights[name])
+        else:
+            w_all = weights[name][:, None] + mx.cumsum(update, axis=1)
+        new_weights[name] = w_all[:, -1]
+        per_chunk[name] = w_all[:, : queries.shape[1]]
+    return new_weights, new_momentum, memory_forward(per_chunk, queries)
+
+
+def _sequential_step(cfg, weights, momentum, keys, values, lr, eta, keep, queries, hp):
+    """Chunk after chunk, each gradient at the weights left by the chunk before (the paper's default)."""
+    out = []
+    for t in range(keys.shape[1]):
+        sl = slice(t, t + 1)
+        weights, momentum, y = _chunks_step(
+            cfg, weights, momentum, weights, keys[:, sl], values[:, sl], lr[:, sl], eta[:, :, sl],
+            keep[:, sl], queries[:, t : min(t + 1, queries.shape[1])], hp,
+        )
+        out.append(y)
+    return weights, momentum, mx.concatenate(out, axis=1)
+
+
+class NeuralMemory(nn.Module):
+    """Neural long-term memory. `y, state = mem(x, state=None, store_mask=None)`, x: (batch, tokens, dim)."""
+
+    def __init__(self, config: MemoryConfig = None, **kwargs):
+        super().__init__()
+        cfg = config if config is not None else MemoryConfig(**kwargs)
+        self.config = cfg
+        dim, inner, h = cfg.dim, cfg.inner_dim, cfg.heads
+        if cfg.pre_norm:
+            self.retrieve_norm = nn.RMSNorm(dim, eps=cfg.norm_eps)
+            self.store_norm = nn.RMSNorm(dim, eps=cfg.norm_eps)
+        self.to_queries = nn.Linear(dim, inner, bias=False)
+        self.to_keys = nn.Linear(dim, inner, bias=False)
+        self.to_values = nn.Linear(dim, inner, bias=False)
+        if cfg.conv_size:
+            self.conv_weight = mx.random.uniform(-1, 1, (cfg.conv_size, 3 * inner)) / math.sqrt(cfg.conv_size)
+        if cfg.qk_rmsnorm:
+            self.q_norm_gamma = mx.zeros((h, 1, cfg.dim_head))
+            self.k_norm_gamma = mx.zeros((h, 1, cfg.dim_head))
+        if cfg.post_rmsnorm:
+            self.post_norm_gamma = mx.zeros((h, 1, cfg.dim_head))
+        self.to_lr = nn.Linear(dim, h)
+        if cfg.momentum:
+            self.to_momentum = nn.Linear(dim, h * cfg.momentum_order)
+        if cfg.weight_decay:
+            self.to_decay = nn.Linear(dim, h * (cfg.dim_head if cfg.channelwise_decay else 1))
+        for layer, bias in (("to_lr", cfg.init_lr_bias), ("to_momentum", cfg.init_momentum_bias),
+                            ("to_decay", cfg.init_decay_bias)):
+            if bias is not None and layer in self:
+                self[layer].weight = mx.zeros_like(self[layer].weight)
+                self[layer].bias = mx.full(self[layer].bias.shape, bias)
+        if h > 1:
+            self.retrieve_gate = nn.Linear(dim, h, bias=False)
+        if h > 1 or inner != dim:
+            self.combine_heads = nn.Linear(inner, dim, bias=False)
+        w0 = init_memory_weights(cfg.dim_head, cfg.depth, cfg.expansion, cfg.residual_norm)
+        self.initial_weights = {n: mx.broadcast_to(w, (h, *w.shape)) * 1 for n, w in w0.items()} \
+            if cfg.per_head_init else w0
+        hp = {"huber_delta": mx.array(cfg.huber_delta), "max_grad_norm": mx.array(cfg.max_grad_norm or 1.0)}
+        self._hyper = hp
+        self._parallel = mx.compile(partial(_chunks_step, cfg))
+        self._sequential = mx.compile(partial(_sequential_step, cfg))
+
+    # ------------------------------------------------------------------ state
+    def initial_state(self, batch: int) -> dict:
+        cfg = self.config
+        B, d = batch * cfg.heads, cfg.dim_head
+        dt = self.to_keys.weight.dtype
+        zeros = partial(mx.zeros, dtype=dt)
+        weights = {}
+        for name, w in self.initial_weights.items():
+            shape = w.shape[1:] if cfg.per_head_init else w.shape
+            w = w if cfg.per_head_init else mx.broadcast_to(w, (cfg.heads, *shape))
+            weights[name] = mx.broadcast_to(w[None], (batch, cfg.heads, *shape)).reshape(B, *shape)
+        state = {
+            "weights": weights,
+            "remainder": {
+                "keys": zeros((B, 0, d)), "values": zeros((B, 0, d)), "lr": zeros((B, 0)),
+                "eta": zeros((B, 0, cfg.momentum_order)),
+                "alpha": zeros((B, 0, d) if cfg.channelwise_decay else (B, 0)),
+            },
+            "position": 0,
+        }
+        if cfg.momentum:
+            state["momentum"] = {n: zeros((cfg.momentum_order, *w.shape)) for n, w in weights.items()}
+        if cfg.refresh_chunks != 1:
+            state["reference"] = dict(weights)
+        if cfg.conv_size:
+            state["conv"] = zeros((batch, cfg.conv_size - 1, 3 * cfg.inner_dim))
+        return state
+
+    def _check_input(self, x, state, store_mask):
+        cfg = self.config
+        if not isinstance(x, mx.array):
+            raise TypeError(f"NeuralMemory expects an mx.array, got {type(x).__name__}")
+        if not mx.issubdtype(x.dtype, mx.floating):
+            raise TypeError(f"NeuralMemory expects a floating-point input, got {x.dtype}")
+        if x.ndim != 3 or x.shape[-1] != cfg.dim:
+            raise ValueError(f"NeuralMemory expects input of shape (batch, tokens, {cfg.dim}), got {tuple(x.shape)}")
+        if store_mask is not None and tuple(store_mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"store_mask must have shape {tuple(x.shape[:2])}, got {tuple(store_mask.shape)}")
+        if state is not None:
+            expect = self.initial_state(x.shape[0])
+            for name, w in expect["weights"].items():
+                got = state.get("weights", {}).get(name)
+                if got is None or got.shape != w.shape:
+                    raise ValueError(
+                        f"memory state does not fit this NeuralMemory (weights[{name!r}] has shape "
+                        f"{None if got is None else tuple(got.shape)}, expected {tuple(w.shape)}: "
+                        "another config or batch size?)"
+                    )
+            if set(state) != set(expect):
+                raise ValueError(f"memory state has fields {sorted(state)}, expected {sorted(expect)}")
+
+    def check_finite(self, x):
+        """Raise on NaN/Inf input. A host sync: call it at API boundaries, not inside decode loops."""
+        if not mx.isfinite(x).all().item():
+            raise ValueError("NeuralMemory input contains NaN or Inf")
+
+    # ------------------------------------------------------------------ features
+    def _features(self, x, conv_cache):
+        """Per-token queries, keys, values, learning rates and gate logits, heads split into the batch."""
+        cfg = self.config
+        b, n, _ = x.shape
+        h, d = cfg.heads, cfg.dim_head
+        xr = self.retrieve_norm(x) if cfg.pre_norm else x
+        xs = self.store_norm(x) if cfg.pre_norm else x
+        q, k, v = self.to_queries(xr), self.to_keys(xs), self.to_values(xs)
+        new_conv = None
+        if cfg.conv_size:
+            qkv = mx.concatenate([conv_cache, mx.concatenate([q, k, v], axis=-1)], axis=1)
+            K = cfg.conv_size
+            out = sum(qkv[:, i : i + n] * self.conv_weight[i] for i in range(K))
+            new_conv = qkv[:, qkv.shape[1] - (K - 1):]
+            q, k, v = mx.split(out, 3, axis=-1)
+        if cfg.qkv_silu:
+            q, k, v = nn.silu(q), nn.silu(k), nn.silu(v)
+
+        def heads_first(t):
+            return t.reshape(b, n, h, -1).transpose(0, 2, 1, 3)
+
+        q, k, v = heads_first(q), heads_first(k), heads_first(v)
+        if cfg.qk_l2norm:
+            q = q * mx.rsqrt((q * q).sum(-1, keepdims=True) + 1e-12)
+            k = k * mx.rsqrt((k * k).sum(-1, keepdims=True) + 1e-12)
+        if cfg.qk_rmsnorm:
+            q = mx.fast.rms_norm(q, None, cfg.norm_eps) * (1 + self.q_norm_gamma)
+            k = mx.fast.rms_norm(k, None, cfg.norm_eps) * (1 + self.k_norm_gamma)
+        B = b * h
+        lr = mx.sigmoid(self.to_lr(xs)) * cfg.max_lr  # (b, n, h)
+        lr = lr.transpose(0, 2, 1).reshape(B, n)
+        o = cfg.momentum_order
+        eta = self.to_momentum(xs).reshape(b, n, h, o).transpose(0, 2, 1, 3).reshape(B, n, o) \
+            if cfg.momentum else mx.zeros((B, n, o), dtype=x.dtype)
+        if cfg.weight_decay and cfg.channelwise_decay:
+            alpha = heads_first(self.to_decay(xs)).reshape(B, n, d)
+        elif cfg.weight_decay:
+            alpha = self.to_decay(xs).transpose(0, 2, 1).reshape(B, n)
+        else:
+            alpha = mx.zeros((B, n, d) if cfg.channelwise_decay else (B, n), dtype=x.dtype)
+        feats = {"keys": k.reshape(B, n, d), "values": v.reshape(B, n, d), "lr": lr, "eta": eta, "alpha": alpha}
+        gate = mx.sigmoid(self.retrieve_gate(xr)) if cfg.heads > 1 else None
+        return q.reshape(B, n, d), gate, feats, new_conv
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, x, state: Optional[dict] = None, store_mask=None):
+        self._check_input(x, state, store_mask)
+        cfg = self.config
+        b, n, _ = x.shape
+        c, d, h = cfg.chunk_size, cfg.dim_head, cfg.heads
+        if state is None:
+            state = self.initial_state(b)
+        out_dtype = x.dtype
+        x = x.astype(self.to_keys.weight.dtype)
+        queries, gate, feats, new_conv = self._features(x, state.get("conv"))
+        if store_mask is not None:
+            mask = mx.repeat(store_mask[:, None], h, axis=1).reshape(b * h, n)
+            feats["lr"] = mx.where(mask, feats["lr"], 0)
+
+        rem = state["remainder"]
+        r = rem["keys"].shape[1]
+        seq = {name: mx.concatenate([rem[name], feats[name]], axis=1) for name in feats}
+        total = r + n
+        n_chunks = total // c
+        stored = n_chunks * c
+        chunks_before = (state["position"] - r) // c
+
+        weights = state["weights"]
+        momentum = state.get("momentum", {})
+        reference = state.get("reference")
+
+        # retrieval groups: token i reads the weights after (r + i + 1) // c of this call's chunks
+        first = min(n, c - r - 1)
+        pieces = [memory_forward(weights, queries[:, :first])] if first > 0 else []
+        if n_chunks:
+            B = b * h
+            chunked = {
+                "keys": seq["keys"][:, :stored].reshape(B, n_chunks, c, d),
+                "values": seq["values"][:, :stored].reshape(B, n_chunks, c, d),
+                "lr": seq["lr"][:, :stored].reshape(B, n_chunks, c),
+            }
+            eta = mx.sigmoid(seq["eta"][:, :stored].reshape(B, n_chunks, c, -1).mean(2)).transpose(2, 0, 1)
+            if cfg.channelwise_decay:
+                alpha_logit = seq["alpha"][:, :stored].reshape(B, n_chunks, c, d).mean(2)
+            else:
+                alpha_logit = seq["alpha"][:, :stored].reshape(B, n_chunks, c).mean(-1)
+            keep = 1 - mx.sigmoid(alpha_logit)
+            middle = queries[:, first : first + (n_chunks - 1) * c].reshape(B, n_chunks - 1, c, d)
+            for start, end in self._blocks(chunks_before, n_chunks):
+                absolute = chunks_before + start
+                args = (
+                    chunked["keys"][:, start:end], chunked["values"][:, start:end], chunked["lr"][:, start:end],
+                    eta[:, :, start:end], keep[:, start:end], middle[:, start : min(end, n_chunks - 1)],
+                    self._hyper,
+                )
+                if cfg.refresh_chunks == 1:
+                    weights, momentum, y = self._sequential(weights, momentum, *args)
+                else:
+                    if cfg.refresh_chunks and absolute % cfg.refresh_chunks == 0:
+                        reference = weights
+                    weights, momentum, y = self._parallel(weights, momentum, reference, *args)
+                if y.shape[1]:
+                    pieces.append(y.reshape(B, -1, d))
+            pieces.append(memory_forward(weights, queries[:, first + (n_chunks - 1) * c :]))
+        y = mx.concatenate(pieces, axis=1) if len(pieces) > 1 else pieces[0]
+
+        new_state = {
+            "weights": weights,
+            "remainder": {name: t[:, stored:] for name, t in seq.items()},
+            "position": state["position"] + n,
+        }
+        if cfg.momentum:
+            new_state["momentum"] = momentum
+        if reference is not None:
+            new_state["reference"] = reference
+        if new_conv is not None:
+            new_state["conv"] = new_conv
+        return self._output(y, gate, b, n).astype(out_dtype), new_state
+
+    def _blocks(self, chunks_before: int, n_chunks: int):
+        """Split this call's chunks into blocks that never straddle a mini-batch boundary."""
+        refresh = self.config.refresh_chunks
+        size = SEQUENTIAL_BLOCK if refresh == 1 else PARALLEL_BLOCK
+        start = 0
+        while start < n_chunks:
+            end = min(n_chunks, start + size)
+            if refresh > 1:
+                boundary = (chunks_before + start) // refresh * refresh + refresh - chunks_before
+                end = min(end, boundary)
+            yield start, end
+            start = end
+
+    def _output(self, y, gate, b, n):
+        cfg = self.config
+        y = y.reshape(b, cfg.heads, n, cfg.dim_head)
+        if cfg.post_rmsnorm:
+            y = mx.fast.rms_norm(y, None, cfg.norm_eps) * (1 + self.post_norm_gamma)
+        if gate is not None:
+            y = y * gate.transpose(0, 2, 1)[..., None]
+        y = y.transpose(0, 2, 1, 3).reshape(b, n, cfg.inner_dim)
+        return self.combine_heads(y) if "combine_heads" in self else y

@@ -1,0 +1,58 @@
+"""Saving and loading a NeuralMemory state (weights, momentum, unstored remainder, position) as safetensors.
+
+The file carries the memory's config and its fingerprint; loading it into a memory of another config is refused
+with the fields that differ.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .neural_memory import MemoryConfig
+
+
+def save_state(path, state: dict, config: MemoryConfig) -> None:
+    """Write `state` to `path` atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    arrays = {k: v for k, v in tree_flatten(state) if isinstance(v, mx.array)}
+    metadata = {
+        "format": "mlx-titans-memory-state/1",
+        "config": json.dumps(config.to_dict(), sort_keys=True),
+        "fingerprint": config.fingerprint(),
+        "position": str(state["position"]),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, arrays, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_state(path, config: MemoryConfig) -> dict:
+    """Read a state written by `save_state`, refusing one saved from a memory with another config."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no memory state file at {path}")
+    try:
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors memory state: {e}") from None
+    if metadata.get("format") != "mlx-titans-memory-state/1":
+        raise ValueError(f"{path} is not an mlx-titans memory state file")
+    if metadata.get("fingerprint") != config.fingerprint():
+        saved = json.loads(metadata.get("config", "{}"))
+        ours = config.to_dict()
+        diff = {k: (saved.get(k), ours.get(k)) for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)}
+        detail = ", ".join(f"{k}: saved {a!r}, this memory {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"memory state {path} was saved by a memory with another config ({detail})")
+    state = tree_unflatten(list(arrays.items()))
+    state["position"] = int(metadata["position"])
+    return state

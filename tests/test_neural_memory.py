@@ -1,0 +1,274 @@
+import itertools
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from mlx_titans import MemoryConfig, NeuralMemory, load_state, save_state
+from oracle import oracle_forward
+
+DIM = 16
+
+
+def make(**kw):
+    mx.random.seed(0)
+    kw.setdefault("chunk_size", 4)
+    kw.setdefault("max_lr", 0.5)
+    return NeuralMemory(MemoryConfig(dim=DIM, **kw))
+
+
+def run_split(mem, x, cuts, mask=None):
+    outs, state, start = [], None, 0
+    for end in list(cuts) + [x.shape[1]]:
+        m = None if mask is None else mask[:, start:end]
+        y, state = mem(x[:, start:end], state, store_mask=m)
+        outs.append(y)
+        start = end
+    return mx.concatenate(outs, axis=1), state
+
+
+def assert_states_close(a, b, atol=1e-5):
+    fa, fb = dict(tree_flatten(a)), dict(tree_flatten(b))
+    assert fa.keys() == fb.keys()
+    for key in fa:
+        if isinstance(fa[key], mx.array):
+            assert fa[key].shape == fb[key].shape, key
+            assert mx.allclose(fa[key], fb[key], atol=atol, rtol=1e-4), key
+        else:
+            assert fa[key] == fb[key], key
+
+
+OPTIONS = [
+    {},
+    {"heads": 2},
+    {"batch_size": 0},
+    {"batch_size": 8, "heads": 2},
+    {"momentum_order": 2, "channelwise_decay": True},
+    {"momentum": False, "weight_decay": False, "depth": 1},
+    {"conv_size": 4, "qkv_silu": True, "qk_l2norm": True},
+    {"qk_rmsnorm": True, "post_rmsnorm": True, "loss": "huber", "max_grad_norm": 0.5},
+    {"per_head_init": False, "heads": 2, "chunk_size": 1},
+]
+SPLITS = [
+    [4, 8, 12],  # chunk-aligned
+    [3, 5, 6, 13],  # unaligned, pieces shorter than a chunk
+    list(range(1, 23)),  # one token at a time
+    [9],  # a prompt, then the rest
+    [2, 3],
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_stream_splits_equal_one_call(options):
+    mem = make(**options)
+    x = mx.random.normal((2, 23, DIM))
+    mask = mx.random.uniform(shape=(2, 23)) > 0.3
+    whole, whole_state = mem(x, store_mask=mask)
+    for cuts in SPLITS:
+        y, state = run_split(mem, x, cuts, mask)
+        assert mx.allclose(y, whole, atol=1e-5, rtol=1e-4), cuts
+        assert_states_close(state, whole_state)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"heads": 2, "batch_size": 8}, {"batch_size": 0, "momentum_order": 2}, {"channelwise_decay": True},
+     {"max_grad_norm": 0.05, "loss": "huber", "huber_delta": 0.3}, {"depth": 3, "residual_norm": False}],
+    ids=str,
+)
+def test_matches_slow_loop_oracle(options):
+    mem = make(**options)
+    x = mx.random.normal((2, 19, DIM))
+    mask = mx.random.uniform(shape=(2, 19)) > 0.2
+    y, _ = mem(x, store_mask=mask)
+    assert mx.allclose(y, oracle_forward(mem, x, mask), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 8])
+def test_short_calls_and_retrieval_index(n):
+    """n < c reads W0 and stores nothing; the last token of a chunk already reads that chunk's update."""
+    mem = make()
+    x = mx.random.normal((1, n, DIM))
+    y, state = mem(x)
+    assert mx.allclose(y, oracle_forward(mem, x), atol=2e-5)
+    assert state["position"] == n
+    assert state["remainder"]["keys"].shape[1] == n % 4
+    if n < 4:
+        assert_states_close({"w": state["weights"]}, {"w": mem.initial_state(1)["weights"]})
+
+
+@pytest.mark.parametrize("p", [0, 5, 6, 7, 13])
+def test_causality(p):
+    mem = make(heads=2)
+    c, n = 4, 20
+    x = mx.random.normal((1, n, DIM))
+    y, _ = mem(x)
+    x2 = mx.array(x)
+    x2[:, p] = x2[:, p] + 3.0
+    y2, _ = mem(x2)
+    changed = np.abs(np.array(y2 - y)).max(-1)[0] > 1e-6
+    first_visible = (p // c + 1) * c - 1  # first token that reads the chunk holding p
+    expected = np.zeros(n, bool)
+    expected[p] = True
+    expected[first_visible:] = True
+    assert (changed == expected).all(), (changed, expected)
+
+
+def test_causality_with_conv():
+    mem = make(conv_size=4, qkv_silu=True)
+    x = mx.random.normal((1, 16, DIM))
+    x2 = mx.array(x)
+    x2[:, 9] = 5.0
+    y, _ = mem(x)
+    y2, _ = mem(x2)
+    assert mx.array_equal(y[:, :9], y2[:, :9])
+    assert not mx.allclose(y[:, 9:], y2[:, 9:])
+
+
+GRID = list(itertools.product([1, 2], [1, 2], [None, 0], [None, 1.0], ["l2", "huber"]))
+
+
+@pytest.mark.parametrize("heads,order,batch_size,clamp,loss", GRID)
+def test_no_nan_or_inf(heads, order, batch_size, clamp, loss):
+    mem = make(heads=heads, momentum_order=order, batch_size=batch_size, max_grad_norm=clamp, loss=loss,
+               max_lr=1.0, channelwise_decay=order == 2)
+    x = 10 * mx.random.normal((2, 21, DIM))
+    mask = mx.ones((2, 21), dtype=mx.bool_)
+    mask[:, 4:12] = False  # whole masked chunks: zero gradients must stay 0, not 0/0
+    mask[1] = False
+    y, state = mem(x, store_mask=mask)
+    assert mx.all(mx.isfinite(y))
+    assert all(mx.all(mx.isfinite(v)) for _, v in tree_flatten(state) if isinstance(v, mx.array))
+    loss_fn = lambda model: model(x, store_mask=mask)[0].square().mean()
+    _, grads = nn.value_and_grad(mem, loss_fn)(mem)
+    assert all(mx.all(mx.isfinite(g)) for _, g in tree_flatten(grads))
+
+
+def test_clamp_never_inflates_small_gradients():
+    small = make(max_grad_norm=1e6)
+    plain = make()
+    x = mx.random.normal((1, 12, DIM))
+    assert mx.allclose(small(x)[0], plain(x)[0], atol=1e-6)
+
+
+def test_second_order_gradients_match_finite_differences():
+    """The outer loss differentiates through the inner gradient step (keys enter only through it)."""
+    mem = make(heads=2, batch_size=8, max_lr=0.1)
+    x = mx.random.normal((1, 17, DIM))
+    target = mx.random.normal((1, 17, DIM))
+    names = ["to_keys.weight", "to_values.weight", "to_lr.bias", "to_decay.weight", "initial_weights.w0"]
+    params = dict(tree_flatten(mem.trainable_parameters()))
+
+    def loss_of(name, value):
+        mem.update(tree_unflatten([(name, value)]))
+        out = (mem(x)[0] * target).sum()
+        mem.update(tree_unflatten([(name, params[name])]))
+        return out
+
+    mx.random.seed(1)
+    for name in names:
+        grad = mx.grad(lambda w: loss_of(name, w))(params[name])
+        direction = mx.random.normal(params[name].shape)
+        direction = direction / mx.linalg.norm(direction.reshape(-1))
+
+        def central(eps):
+            return (loss_of(name, params[name] + eps * direction) - loss_of(name, params[name] - eps * direction)).item() / (2 * eps)
+
+        numeric = (4 * central(1e-3) - central(2e-3)) / 3  # Richardson: cancels the eps^2 term
+        analytic = (grad * direction).sum().item()
+        assert abs(analytic) > 1e-2, name
+        assert math.isclose(numeric, analytic, rel_tol=2e-2, abs_tol=2e-3), (name, numeric, analytic)
+
+
+def test_linear_memory_without_momentum_is_the_delta_rule():
+    """Depth 1, no norm wrapper, eta = 0, no decay, chunk 1: W <- W + (2 lr / d) (v - W^T k) k^T."""
+    mem = make(depth=1, residual_norm=False, momentum=False, weight_decay=False, chunk_size=1, pre_norm=False)
+    b, n = 2, 11
+    x = mx.random.normal((b, n, DIM))
+    y, _ = mem(x)
+    q, k, v = mem.to_queries(x), mem.to_keys(x), mem.to_values(x)
+    lr = mx.sigmoid(mem.to_lr(x)) * mem.config.max_lr
+    w0 = mem.initial_weights["w0"][0]
+    state = mx.broadcast_to(w0.T[None, None], (b, 1, DIM, DIM))
+    beta = 2 * lr / DIM
+    expect, _ = mx.fast.gated_delta_update(q[:, :, None], k[:, :, None], v[:, :, None], mx.ones_like(beta), beta,
+                                           state)
+    assert mx.allclose(y, expect[:, :, 0], atol=1e-5)
+
+
+def test_titans_semantics_take_every_gradient_at_the_initial_weights():
+    """batch_size=0 (titans-pytorch's default) equals the paper rule evaluated at frozen W0 by the oracle."""
+    mem = make(batch_size=0, heads=2)
+    x = mx.random.normal((1, 18, DIM))
+    paper = make(heads=2)
+    assert mx.allclose(mem(x)[0], oracle_forward(mem, x), atol=2e-5)
+    assert not mx.allclose(mem(x)[0], paper(x)[0], atol=1e-3)
+
+
+def test_float64_and_bfloat16_inputs():
+    mem = make()
+    x = mx.random.normal((1, 9, DIM))
+    y32, _ = mem(x)
+    y16, _ = mem(x.astype(mx.bfloat16))
+    assert y16.dtype == mx.bfloat16
+    assert mx.allclose(y16.astype(mx.float32), y32, atol=0.1)
+    mem64 = make()
+    mem64.update(tree_map(lambda p: p.astype(mx.float64), mem64.parameters()))
+    y64, state = mem64(x.astype(mx.float64))
+    assert y64.dtype == mx.float64 and state["weights"]["w0"].dtype == mx.float64
+    assert mx.allclose(y64.astype(mx.float32), y32, atol=1e-4)
+
+
+def test_state_save_load_round_trip(tmp_path):
+    mem = make(heads=2, batch_size=8, conv_size=4)
+    x = mx.random.normal((2, 21, DIM))
+    whole, _ = mem(x)
+    y1, state = mem(x[:, :10])
+    save_state(tmp_path / "state.safetensors", state, mem.config)
+    loaded = load_state(tmp_path / "state.safetensors", mem.config)
+    assert_states_close(loaded, state, atol=0)
+    y2, _ = mem(x[:, 10:], loaded)
+    assert mx.allclose(mx.concatenate([y1, y2], axis=1), whole, atol=1e-5)
+    assert not list(tmp_path.glob(".state*"))  # no temporary file left behind
+
+
+def test_state_from_another_config_is_refused(tmp_path):
+    mem = make()
+    _, state = mem(mx.random.normal((1, 6, DIM)))
+    save_state(tmp_path / "s.safetensors", state, mem.config)
+    other = make(chunk_size=8)
+    with pytest.raises(ValueError, match="chunk_size: saved 4, this memory 8"):
+        load_state(tmp_path / "s.safetensors", other.config)
+    wider = NeuralMemory(MemoryConfig(dim=DIM, dim_head=8, heads=2, chunk_size=4))
+    with pytest.raises(ValueError, match="does not fit"):
+        wider(mx.random.normal((1, 3, DIM)), state)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable"):
+        load_state(tmp_path / "bad.safetensors", mem.config)
+    with pytest.raises(FileNotFoundError):
+        load_state(tmp_path / "missing.safetensors", mem.config)
+
+
+def test_bad_inputs_raise_clear_errors():
+    mem = make()
+    with pytest.raises(ValueError, match=r"shape \(batch, tokens, 16\)"):
+        mem(mx.zeros((1, 4, DIM + 1)))
+    with pytest.raises(ValueError, match=r"shape \(batch, tokens, 16\)"):
+        mem(mx.zeros((4, DIM)))
+    with pytest.raises(TypeError, match="floating-point"):
+        mem(mx.zeros((1, 4, DIM), dtype=mx.int32))
+    with pytest.raises(TypeError, match="mx.array"):
+        mem(np.zeros((1, 4, DIM), np.float32))
+    x = mx.random.normal((1, 4, DIM))
+    x[0, 2, 3] = mx.nan
+    with pytest.raises(ValueError, match="NaN"):
+        mem.check_finite(x)
+    with pytest.raises(ValueError, match="store_mask"):
+        mem(mx.zeros((1, 4, DIM)), store_mask=mx.ones((1, 5), dtype=mx.bool_))
+    with pytest.raises(ValueError, match="multiple of chunk_size"):
+        MemoryConfig(dim=DIM, chunk_size=4, batch_size=6)
+    with pytest.raises(ValueError, match="loss"):
+        MemoryConfig(dim=DIM, loss="l1")
