@@ -45,6 +45,8 @@ def config_from_titans_pytorch(**kwargs) -> MemoryConfig:
     if not isinstance(chunk, int):
         raise ValueError(f"only an int chunk_size is supported, got {chunk!r}")
     model_kwargs = kwargs.get("default_model_kwargs", {"depth": 2, "expansion_factor": 4.0})
+    if "depth" not in model_kwargs:
+        raise ValueError("default_model_kwargs must give depth (titans-pytorch's MemoryMLP requires it)")
     dim = kwargs["dim"]
     return MemoryConfig(
         dim=dim,

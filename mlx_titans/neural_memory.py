@@ -19,13 +19,14 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from functools import partial
+from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .memory_model import init_memory_weights, memory_forward, memory_grads
-from .scan import scan
+from .scan import momentum_decay_matrix, scan
 
 PARALLEL_BLOCK = 64  # chunks solved at once when they share a gradient reference (bounds the weights kept)
 SEQUENTIAL_BLOCK = 8  # chunks unrolled into one compiled step when each chunk moves the reference
@@ -125,18 +126,24 @@ def _decay_gate(name, keep, shape, depth):
     return keep.mean(-1)[..., None, None]
 
 
-def _chunks_step(cfg, weights, momentum, reference, keys, values, lr, eta, keep, queries, hp):
-    """Store m chunks whose gradients are all taken at `reference`, and retrieve g <= m groups of queries.
+def _store_chunks(cfg, weights, momentum, reference, keys, values, lr, eta, keep, hp):
+    """Store m chunks whose gradients are all taken at `reference`.
 
     weights, reference: {name: (B, ...)}; momentum: {name: (o, B, ...)}; keys, values: (B, m, c, d);
-    lr: (B, m, c); eta: (o, B, m); keep = 1 - alpha: (B, m) or (B, m, d); queries: (B, g, c_q, d), group i
-    read with the weights after chunk i. Returns (weights, momentum, retrieved (B, g, c_q, d)).
+    lr: (B, m, c); eta: (o, B, m); keep = 1 - alpha: (B, m) or (B, m, d).
+    Returns (weights, momentum, the weights after each chunk {name: (B, m, ...)}).
     """
     grads = memory_grads(reference, keys, values, lr, cfg.loss, hp["huber_delta"])
-    new_weights, new_momentum, per_chunk = {}, {}, {}
+    if cfg.max_grad_norm is not None:
+        grads = {name: _clamp_norm(g, hp["max_grad_norm"]) for name, g in grads.items()}
+    if not cfg.momentum:
+        eta = eta[:0]
+    if not cfg.weight_decay:
+        keep = mx.ones_like(keep)
+    if not cfg.channelwise_decay:
+        return _fused_update(weights, momentum, grads, eta, keep)
+    new_momentum, after_each = {}, {}
     for name, g in grads.items():
-        if cfg.max_grad_norm is not None:
-            g = _clamp_norm(g, hp["max_grad_norm"])
         update = -g
         if cfg.momentum:
             carried = []
@@ -144,14 +151,51 @@ def _chunks_step(cfg, weights, momentum, reference, keys, values, lr, eta, keep,
                 update = scan(eta[order], update, momentum[name][order])
                 carried.append(update[:, -1])
             new_momentum[name] = mx.stack(carried)
-        gate = _decay_gate(name, keep, g.shape[2:], cfg.depth)
-        if cfg.weight_decay:
-            w_all = scan(gate, update, weights[name])
-        else:
-            w_all = weights[name][:, None] + mx.cumsum(update, axis=1)
-        new_weights[name] = w_all[:, -1]
-        per_chunk[name] = w_all[:, : queries.shape[1]]
-    return new_weights, new_momentum, memory_forward(per_chunk, queries)
+        after_each[name] = scan(_decay_gate(name, keep, g.shape[2:], cfg.depth), update, weights[name])
+    return {name: w[:, -1] for name, w in after_each.items()}, new_momentum, after_each
+
+
+def _fused_update(weights, momentum, grads, eta, keep):
+    """Momentum and forgetting for scalar gates: one matmul per weight tensor (see momentum_decay_matrix)."""
+    o, (B, m) = eta.shape[0], keep.shape
+    if m == 1:  # one chunk (the paper's sequential rule): plain elementwise updates beat a tiny matmul
+        return _single_chunk_update(weights, momentum, grads, eta, keep)
+    transition = momentum_decay_matrix(eta, keep)
+    new_momentum, after_each = {}, {}
+    for name, g in grads.items():
+        shape = g.shape[2:]
+        inputs = [-g.reshape(B, m, -1)]
+        if o:
+            inputs.append(momentum[name].reshape(o, B, -1).transpose(1, 0, 2))
+        inputs.append(weights[name].reshape(B, 1, -1))
+        out = transition @ mx.concatenate(inputs, axis=1)
+        after_each[name] = out[:, :m].reshape(B, m, *shape)
+        if o:
+            new_momentum[name] = out[:, m:].transpose(1, 0, 2).reshape(o, B, *shape)
+    return {name: w[:, -1] for name, w in after_each.items()}, new_momentum, after_each
+
+
+def _single_chunk_update(weights, momentum, grads, eta, keep):
+    new_weights, new_momentum = {}, {}
+    for name, g in grads.items():
+        expand = lambda gate: gate.reshape(-1, *([1] * (g.ndim - 2)))
+        update, carried = -g[:, 0], []
+        for order in range(eta.shape[0]):
+            update = expand(eta[order, :, 0]) * momentum[name][order] + update
+            carried.append(update)
+        if carried:
+            new_momentum[name] = mx.stack(carried)
+        new_weights[name] = expand(keep[:, 0]) * weights[name] + update
+    return new_weights, new_momentum, {name: w[:, None] for name, w in new_weights.items()}
+
+
+def _parallel_step(cfg, weights, momentum, reference, keys, values, lr, eta, keep, queries, hp):
+    """Store a block of chunks at a shared reference; query group i (B, g, c, d) reads the weights after chunk i."""
+    weights, momentum, after_each = _store_chunks(cfg, weights, momentum, reference, keys, values, lr, eta, keep, hp)
+    g = queries.shape[1]
+    if g == 0:  # empty arrays crash some backends: pass the empty query block through
+        return weights, momentum, queries
+    return weights, momentum, memory_forward({n: w[:, :g] for n, w in after_each.items()}, queries)
 
 
 def _sequential_step(cfg, weights, momentum, keys, values, lr, eta, keep, queries, hp):
@@ -159,12 +203,12 @@ def _sequential_step(cfg, weights, momentum, keys, values, lr, eta, keep, querie
     out = []
     for t in range(keys.shape[1]):
         sl = slice(t, t + 1)
-        weights, momentum, y = _chunks_step(
-            cfg, weights, momentum, weights, keys[:, sl], values[:, sl], lr[:, sl], eta[:, :, sl],
-            keep[:, sl], queries[:, t : min(t + 1, queries.shape[1])], hp,
+        weights, momentum, _ = _store_chunks(
+            cfg, weights, momentum, weights, keys[:, sl], values[:, sl], lr[:, sl], eta[:, :, sl], keep[:, sl], hp
         )
-        out.append(y)
-    return weights, momentum, mx.concatenate(out, axis=1)
+        if t < queries.shape[1]:
+            out.append(memory_forward(weights, queries[:, t]))
+    return weights, momentum, mx.stack(out, axis=1) if out else queries
 
 
 class NeuralMemory(nn.Module):
@@ -207,8 +251,17 @@ class NeuralMemory(nn.Module):
             if cfg.per_head_init else w0
         hp = {"huber_delta": mx.array(cfg.huber_delta), "max_grad_norm": mx.array(cfg.max_grad_norm or 1.0)}
         self._hyper = hp
-        self._parallel = mx.compile(partial(_chunks_step, cfg))
+        self._parallel = mx.compile(partial(_parallel_step, cfg))
         self._sequential = mx.compile(partial(_sequential_step, cfg))
+
+    @classmethod
+    def from_pretrained(cls, path) -> "NeuralMemory":
+        """Load a directory holding config.json ({"memory": {...}}) and model.safetensors."""
+        path = Path(path)
+        config = json.loads((path / "config.json").read_text())
+        mem = cls(MemoryConfig.from_dict(config["memory"]))
+        mem.load_weights(str(path / "model.safetensors"))
+        return mem
 
     # ------------------------------------------------------------------ state
     def initial_state(self, batch: int) -> dict:
