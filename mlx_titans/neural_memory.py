@@ -321,7 +321,9 @@ class NeuralMemory(nn.Module):
 
     # ------------------------------------------------------------------ features
     def _features(self, x, conv_cache):
-        """Per-token queries, keys, values, learning rates and gate logits, heads split into the batch."""
+        """Per-token queries, keys, values, learning rates and gate logits, heads split into the batch.
+
+        conv_cache None skips the short convolution (a token-local read, see `retrieve`)."""
         cfg = self.config
         b, n, _ = x.shape
         h, d = cfg.heads, cfg.dim_head
@@ -329,7 +331,7 @@ class NeuralMemory(nn.Module):
         xs = self.store_norm(x) if cfg.pre_norm else x
         q, k, v = self.to_queries(xr), self.to_keys(xs), self.to_values(xs)
         new_conv = None
-        if cfg.conv_size:
+        if cfg.conv_size and conv_cache is not None:
             qkv = mx.concatenate([conv_cache, mx.concatenate([q, k, v], axis=-1)], axis=1)
             K = cfg.conv_size
             out = sum(qkv[:, i : i + n] * self.conv_weight[i] for i in range(K))
@@ -438,6 +440,15 @@ class NeuralMemory(nn.Module):
         if new_conv is not None:
             new_state["conv"] = new_conv
         return self._output(y, gate, b, n).astype(out_dtype), new_state
+
+    def retrieve(self, x, state: dict):
+        """Read the memory as it stands in `state` for every token of x, storing nothing (MAC's h = M*(q)).
+
+        Token-local: the short convolution is not applied, so a token's read never depends on its neighbours."""
+        b, n, _ = x.shape
+        queries, gate, _, _ = self._features(x.astype(self.to_keys.weight.dtype), None)
+        y = memory_forward(state["weights"], queries)
+        return self._output(y, gate, b, n).astype(x.dtype)
 
     def _blocks(self, chunks_before: int, n_chunks: int):
         """Split this call's chunks into blocks that never straddle a mini-batch boundary."""

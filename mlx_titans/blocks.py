@@ -1,0 +1,121 @@
+"""The Titans blocks (paper §4) and the baselines, in a Llama-style macro-architecture (pre-RMSNorm, SwiGLU, RoPE).
+
+    mac          attention over [persistent | h = M*(x) read before the segment | segment]; the memory stores the
+                 attention output y and the block returns y * sigmoid(M(y))           (paper eqs. 21-25)
+    mag          sliding-window attention and the memory side by side, combined by a normalised gate (26-28)
+    mal          memory layer, then sliding-window attention                           (29-31)
+    lmm          memory only
+    swa          sliding-window attention only (baseline)
+    transformer  full causal attention (Transformer++ baseline)
+
+Every block takes (x, cache, offset) and updates its cache in place; the whole-sequence forward is the same code
+with a fresh cache, so cached decoding equals the uncached forward by construction, and the tests check it.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .attention import Attention, AttentionCache
+from .neural_memory import MemoryConfig, NeuralMemory
+
+VARIANTS = ("mac", "mag", "mal", "lmm", "swa", "transformer")
+
+
+class LayerCache(AttentionCache):
+    """Attention cache plus the memory's state (MAC also keeps the state at the start of its segment)."""
+
+    def __init__(self):
+        super().__init__()
+        self.memory = None
+        self.memory_at_segment_start = None
+
+    @property
+    def state(self):
+        arrays = super().state
+        for s in (self.memory, self.memory_at_segment_start):
+            if s is not None:
+                arrays += [v for v in _leaves(s)]
+        return arrays
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaves(v)
+    elif isinstance(tree, mx.array):
+        yield tree
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, variant: str, dim: int, heads: int, mlp_dim: int, window: int, persistent_tokens: int,
+                 memory: MemoryConfig = None, rope_theta: float = 10000.0, norm_eps: float = 1e-5):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.variant, self.window = variant, window
+        if variant != "lmm":
+            mode = {"mac": "segment", "transformer": "full"}.get(variant, "window")
+            self.attn_norm = nn.RMSNorm(dim, eps=norm_eps)
+            self.attn = Attention(dim, heads, mode, window, persistent_tokens, rope_theta)
+        if memory is not None:
+            self.memory_norm = nn.RMSNorm(dim, eps=norm_eps)
+            self.memory = NeuralMemory(memory)
+            if variant == "mag":
+                self.gate_norm_attn = nn.RMSNorm(dim, eps=norm_eps)
+                self.gate_norm_memory = nn.RMSNorm(dim, eps=norm_eps)
+        self.mlp_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.mlp = SwiGLU(dim, mlp_dim)
+
+    def __call__(self, x, cache: LayerCache, offset: int):
+        if self.variant == "mac":
+            return self._mac(x, cache, offset)
+        has_memory = "memory" in self
+        if has_memory and self.variant in ("mal", "lmm"):
+            read, cache.memory = self.memory(self.memory_norm(x), cache.memory)
+            x = x + read
+        if self.variant == "mag":
+            h = self.attn_norm(x)
+            y = self.attn(h, cache, offset)
+            if has_memory:
+                read, cache.memory = self.memory(self.memory_norm(x), cache.memory)
+                y = self.gate_norm_attn(y) * mx.sigmoid(self.gate_norm_memory(read))
+            x = x + y
+        elif "attn" in self:
+            x = x + self.attn(self.attn_norm(x), cache, offset)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def _mac(self, x, cache: LayerCache, offset: int):
+        """Segment by segment: the read h uses the memory as it was when the segment began."""
+        outs, start, n = [], 0, x.shape[1]
+        while start < n:
+            end = min(n, start + self.window - (offset + start) % self.window)
+            outs.append(self._mac_segment(x[:, start:end], cache, offset + start))
+            start = end
+        return mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+
+    def _mac_segment(self, x, cache: LayerCache, offset: int):
+        h = self.attn_norm(x)
+        if "memory" not in self:
+            y = self.attn(h, cache, offset)
+        else:
+            if cache.memory_at_segment_start is None:
+                cache.memory = cache.memory_at_segment_start = self.memory.initial_state(x.shape[0])
+            read_before = self.memory.retrieve(self.memory_norm(x), cache.memory_at_segment_start)
+            y = self.attn(h, cache, offset, extra=read_before)
+            read_after, cache.memory = self.memory(y, cache.memory)
+            y = y * mx.sigmoid(read_after)
+            if (offset + x.shape[1]) % self.window == 0:
+                cache.memory_at_segment_start = cache.memory
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x))

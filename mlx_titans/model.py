@@ -1,0 +1,122 @@
+"""TitansLM: a decoder-only language model of Titans blocks (or the baselines), with a JSON config and save/load.
+
+    model = TitansLM(TitansConfig(variant="mac", vocab_size=4096, dim=256, layers=4, heads=4, window=256))
+    logits = model(tokens)                              # (batch, n) -> (batch, n, vocab)
+    cache = model.make_cache(); logits = model(tokens, cache)   # streaming / cached decoding
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .blocks import VARIANTS, Block, LayerCache
+from .neural_memory import MemoryConfig
+
+
+@dataclass
+class TitansConfig:
+    variant: str = "mac"
+    vocab_size: int = 4096
+    dim: int = 256
+    layers: int = 4
+    heads: int = 4
+    mlp_dim: Optional[int] = None  # default: 8/3 dim, rounded up to a multiple of 32
+    window: int = 256  # sliding window (mag, mal, swa) or segment length (mac)
+    persistent_tokens: int = 4
+    memory: dict = field(default_factory=dict)  # MemoryConfig fields except dim
+    memory_layers: Optional[list] = None  # layer indices with a memory (mac/mag/mal/lmm); default all
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.mlp_dim is None:
+            self.mlp_dim = -(-8 * self.dim // 3 // 32) * 32
+        if self.memory_layers is None:
+            self.memory_layers = list(range(self.layers)) if self.variant in ("mac", "mag", "mal", "lmm") else []
+        if self.variant == "lmm" and sorted(self.memory_layers) != list(range(self.layers)):
+            raise ValueError("lmm has no attention: every layer needs a memory")
+        if self.variant in ("swa", "transformer") and self.memory_layers:
+            raise ValueError(f"{self.variant} is a baseline without memory; memory_layers must be empty")
+        MemoryConfig.from_dict({"dim": self.dim, **self.memory})  # validate early
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TitansConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class TitansLM(nn.Module):
+    def __init__(self, config: TitansConfig):
+        super().__init__()
+        self.config = c = config
+        memory = MemoryConfig.from_dict({"dim": c.dim, **c.memory})
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.dim)
+        self.layers = [
+            Block(c.variant, c.dim, c.heads, c.mlp_dim, c.window, c.persistent_tokens,
+                  memory if i in c.memory_layers else None, c.rope_theta, c.norm_eps)
+            for i in range(c.layers)
+        ]
+        self.norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
+        if not c.tie_embeddings:
+            self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
+
+    def make_cache(self) -> list:
+        return [LayerCache() for _ in self.layers]
+
+    def __call__(self, tokens, cache: Optional[list] = None):
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be (batch, n), got shape {tuple(tokens.shape)}")
+        cache = cache if cache is not None else self.make_cache()
+        offset = getattr(cache[0], "offset", 0)
+        x = self.embed_tokens(tokens)
+        for layer, layer_cache in zip(self.layers, cache):
+            x = layer(x, layer_cache, offset)
+            layer_cache.offset = offset + tokens.shape[1]
+        x = self.norm(x)
+        return self.embed_tokens.as_linear(x) if self.config.tie_embeddings else self.lm_head(x)
+
+    def num_parameters(self) -> int:
+        return sum(v.size for _, v in tree_flatten(self.parameters()))
+
+
+def save_model(path, model: TitansLM, tokenizer_file=None) -> None:
+    """config.json + model.safetensors (+ tokenizer.json), written to a temporary folder renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        config = {"model_type": "titans", **asdict(model.config)}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
+        if tokenizer_file is not None:
+            shutil.copy(tokenizer_file, tmp / "tokenizer.json")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_model(path) -> TitansLM:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no TitansLM checkpoint at {path} (config.json missing)")
+    config = json.loads((path / "config.json").read_text())
+    if config.get("model_type") != "titans":
+        raise ValueError(f"{path} is not a TitansLM checkpoint (model_type {config.get('model_type')!r})")
+    model = TitansLM(TitansConfig.from_dict(config))
+    model.load_weights(str(path / "model.safetensors"))
+    mx.eval(model.parameters())
+    return model
