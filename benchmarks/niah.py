@@ -1,0 +1,104 @@
+"""Needle-in-a-haystack and MQAR accuracy of TitansLM checkpoints against context length; JSON + PNG.
+
+    python -m benchmarks.niah --models runs/mac runs/swa --tasks passkey number word \\
+        --lengths 2048 4096 8192 16384 --samples 100 --out benchmarks/results/niah.json
+
+Each sample is read in blocks of --block tokens through the model's cache (memory stays bounded for the
+windowed variants), and counts as answered when every answer token is the argmax.
+"""
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+from mlx_titans.model import load_model
+from mlx_titans.tasks import TASKS, answered, make_batch
+
+
+def logits_in_blocks(model, inputs, block: int):
+    cache, outs = model.make_cache(), []
+    for start in range(0, inputs.shape[1], block):
+        out = model(inputs[:, start : start + block], cache)
+        mx.eval(out, [c.state for c in cache])
+        outs.append(out)
+    return mx.concatenate(outs, axis=1)
+
+
+def accuracy(model, task, length, samples, batch, seed, block, haystack=None):
+    rng = np.random.default_rng(seed)
+    hits = []
+    for start in range(0, samples, batch):
+        inputs, targets, mask = make_batch(task, min(batch, samples - start), length, rng,
+                                           model.config.vocab_size, haystack)
+        logits = logits_in_blocks(model, mx.array(inputs), block)
+        hits.extend(answered(logits, targets, mask))
+    return float(np.mean(hits))
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows}, key=TASKS.index)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False, sharey=True)
+    for ax, task in zip(axes[0], tasks):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            pts = sorted((r["length"], 100 * r["accuracy"]) for r in rows if r["task"] == task and r["model"] == model)
+            ax.plot(*zip(*pts), marker="o", label=model)
+        ax.set_xscale("log", base=2)
+        ax.set_title(task)
+        ax.set_xlabel("context length (tokens)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", required=True, help="TitansLM checkpoint folders")
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=["passkey", "number", "word"])
+    p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192, 16384])
+    p.add_argument("--samples", type=int, default=100)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--block", type=int, default=2048, help="tokens per forward call")
+    p.add_argument("--haystack", help="a .txt file or folder of books whose bytes fill the haystack (default: noise)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="niah.json", help="JSON results; the plot goes beside it as .png")
+    args = p.parse_args(argv)
+
+    haystack = None
+    if args.haystack:
+        files = sorted(Path(args.haystack).rglob("*.txt")) if Path(args.haystack).is_dir() else [Path(args.haystack)]
+        if not files:
+            sys.exit(f"error: no .txt files at {args.haystack}")
+        haystack = np.frombuffer(b"\n".join(f.read_bytes() for f in files), dtype=np.uint8).astype(np.int64)
+    rows = []
+    work = [(m, t, n) for m in args.models for t in args.tasks for n in args.lengths]
+    models = {}
+    for path, task, length in tqdm(work, desc="niah"):
+        if path not in models:
+            models[path] = load_model(path)
+        acc = accuracy(models[path], task, length, args.samples, args.batch, args.seed, args.block, haystack)
+        rows.append({"model": Path(path).name, "variant": models[path].config.variant, "task": task,
+                     "length": length, "accuracy": acc, "samples": args.samples})
+        tqdm.write(f"model={Path(path).name} task={task} length={length} accuracy={100 * acc:.1f}%")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    device = f"mlx {mx.__version__} on {mx.default_device()}; {platform.platform()}"
+    out.write_text(json.dumps({"device": device, "command": " ".join(sys.argv), "rows": rows}, indent=1) + "\n")
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
