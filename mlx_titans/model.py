@@ -5,6 +5,7 @@
     cache = model.make_cache(); logits = model(tokens, cache)   # streaming / cached decoding
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .blocks import VARIANTS, Block, LayerCache
 from .neural_memory import MemoryConfig
@@ -120,3 +121,57 @@ def load_model(path) -> TitansLM:
     model.load_weights(str(path / "model.safetensors"))
     mx.eval(model.parameters())
     return model
+
+
+def _fingerprint(config: TitansConfig) -> str:
+    return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_cache(path, model: TitansLM, cache: list) -> None:
+    """Write the decoding state (windows, segments, memory states, positions) to safetensors, atomically."""
+    arrays, ints = {}, {}
+    for i, c in enumerate(cache):
+        for name in ("keys", "values", "extra_keys", "extra_values"):
+            if getattr(c, name) is not None:
+                arrays[f"{i}.{name}"] = getattr(c, name)
+        for name in ("memory", "memory_at_segment_start"):
+            if getattr(c, name) is not None:
+                for key, value in tree_flatten(getattr(c, name)):
+                    if isinstance(value, mx.array):
+                        arrays[f"{i}.{name}.{key}"] = value
+                    else:
+                        ints[f"{i}.{name}.{key}"] = value
+        ints[f"{i}.start"], ints[f"{i}.offset"] = c.start, getattr(c, "offset", 0)
+    metadata = {"format": "mlx-titans-lm-cache/1", "fingerprint": _fingerprint(model.config), "ints": json.dumps(ints)}
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", suffix=".safetensors")
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, arrays, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_cache(path, model: TitansLM) -> list:
+    """Read a cache written by `save_cache`, refusing one from a model of another config."""
+    try:
+        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable memory state file ({e})") from None
+    if metadata.get("format") != "mlx-titans-lm-cache/1":
+        raise ValueError(f"{path} is not a TitansLM memory state file")
+    if metadata.get("fingerprint") != _fingerprint(model.config):
+        raise ValueError(f"memory state {path} was written by a model with another config")
+    flat = {**arrays, **json.loads(metadata["ints"])}
+    cache = model.make_cache()
+    for i, c in enumerate(cache):
+        mine = {k[len(f"{i}.") :]: v for k, v in flat.items() if k.startswith(f"{i}.")}
+        for name in ("keys", "values", "extra_keys", "extra_values"):
+            setattr(c, name, mine.get(name))
+        for name in ("memory", "memory_at_segment_start"):
+            items = [(k[len(name) + 1 :], v) for k, v in mine.items() if k.startswith(name + ".")]
+            setattr(c, name, tree_unflatten(items) if items else None)
+        c.start, c.offset = mine["start"], mine["offset"]
+    return cache

@@ -42,7 +42,7 @@ def load_state(path, config: MemoryConfig) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no memory state file at {path}")
     try:
-        arrays, metadata = mx.load(str(path), return_metadata=True)
+        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
     except Exception as e:
         raise ValueError(f"{path} is not a readable safetensors memory state: {e}") from None
     if metadata.get("format") != "mlx-titans-memory-state/1":

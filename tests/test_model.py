@@ -116,3 +116,20 @@ def test_bad_configs():
         TitansConfig(memory={"chunk": 4})
     with pytest.raises(ValueError, match=r"\(batch, n\)"):
         make("swa")(mx.zeros((5,), dtype=mx.int32))
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "transformer"])
+def test_cache_save_load_continues_exactly(tmp_path, variant):
+    from mlx_titans.model import load_cache, save_cache
+
+    model = make(variant)
+    t = tokens(19, b=1)
+    whole = model(t)
+    cache = model.make_cache()
+    first = model(t[:, :11], cache)
+    save_cache(tmp_path / "state.safetensors", model, cache)
+    resumed = load_cache(tmp_path / "state.safetensors", model)
+    second = model(t[:, 11:], resumed)
+    assert mx.allclose(mx.concatenate([first, second], axis=1), whole, atol=1e-5)
+    with pytest.raises(ValueError, match="another config"):
+        load_cache(tmp_path / "state.safetensors", make(variant, window=5))

@@ -1,0 +1,227 @@
+"""Generate text with a memory-augmented model: TitansQwen (a converted Qwen) or a TitansLM checkpoint.
+
+    python -m mlx_titans.generate --prompt "Once upon a time"            # the embedded default model
+    python -m mlx_titans.generate --model qwen-titans-4bit --file book.txt -p "Who is the narrator?" -m 200
+
+The flags follow mlx_lm.generate where they apply. Long contexts (--file) are prefilled in segments through
+the model's bounded cache (attention window + memory state) with a progress bar; --memory-state-out saves that
+state, and --memory-state-in starts a later run from it.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from tqdm import tqdm
+
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+DEFAULT_MAX_CONTEXT = 524288
+
+
+class UserError(Exception):
+    """A bad input: reported as one line, exit status 1."""
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a TitansQwen or TitansLM folder, a Qwen folder or Hub id (default: embedded)")
+    p.add_argument("--prompt", "-p", default=None, help="the prompt, or - to read it from stdin")
+    p.add_argument("--file", help="a UTF-8 text file read as context before the prompt")
+    p.add_argument("--max-tokens", "-m", type=int, default=100)
+    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--ignore-chat-template", action="store_true")
+    p.add_argument("--verbose", type=lambda s: s.lower() not in ("false", "0", "no"), default=True,
+                   help="print the text as it comes and the stats block (True/False)")
+    p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, help="refuse longer contexts")
+    p.add_argument("--window", type=int, default=None, help="attention window (TitansQwen)")
+    p.add_argument("--prefill-step-size", type=int, default=None, help="tokens per prefill call")
+    p.add_argument("--memory-state-in", help="start from a memory state saved by --memory-state-out")
+    p.add_argument("--memory-state-out", help="save the memory state after generating")
+    return p.parse_args(argv)
+
+
+def read_context(args) -> str:
+    prompt = sys.stdin.read() if args.prompt == "-" else (args.prompt or "")
+    context = ""
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise UserError(f"no such file: {path}")
+        try:
+            context = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        if not context.strip():
+            raise UserError(f"{path} is empty")
+    if not (context + prompt).strip():
+        raise UserError("empty prompt: give --prompt TEXT, --prompt - (stdin) or --file")
+    return context + ("\n\n" if context and prompt else "") + prompt
+
+
+class TitansLMRunner:
+    """A TitansLM checkpoint with its tokenizer.json."""
+
+    def __init__(self, path: Path, args):
+        from tokenizers import Tokenizer
+
+        from .model import load_model
+
+        if args.window is not None:
+            raise UserError("--window applies to TitansQwen; a TitansLM's window is part of its architecture")
+        try:
+            self.model = load_model(path)
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(str(e)) from None
+        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self.segment = args.prefill_step_size or 2048
+        self.eos = None
+
+    def encode(self, text, args):
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids)
+
+    def save_state(self, path, cache):
+        from .model import save_cache
+
+        save_cache(path, self.model, cache)
+
+    def load_state(self, path):
+        from .model import load_cache
+
+        if not Path(path).is_file():
+            raise UserError(f"no memory state file at {path}")
+        try:
+            return load_cache(path, self.model)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+
+class QwenRunner:
+    """A TitansQwen folder, or a plain Qwen one (memory added, gate closed)."""
+
+    def __init__(self, path: str, args):
+        from . import qwen
+
+        try:
+            self.model, self.tokenizer, config = qwen.load(path, window=args.window)
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(str(e)) from None
+        self.qwen = qwen
+        self.segment = args.prefill_step_size or config["titans"]["segment_size"]
+        self.eos = set(self.tokenizer.eos_token_ids)
+
+    def encode(self, text, args):
+        tok = self.tokenizer
+        if args.ignore_chat_template or tok.chat_template is None:
+            return tok.encode(text)
+        messages = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else [])
+        messages.append({"role": "user", "content": text})
+        return tok.apply_chat_template(messages, add_generation_prompt=True)
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids)
+
+    def save_state(self, path, cache):
+        self.qwen.save_memory_state(path, self.model, cache)
+
+    def load_state(self, path):
+        try:
+            return self.qwen.load_memory_state(path, self.model)
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(str(e)) from None
+
+
+def open_model(args):
+    if args.model is None:
+        if not (DEFAULT_MODEL / "config.json").is_file():
+            raise UserError("this install has no embedded default model; pass --model")
+        return TitansLMRunner(DEFAULT_MODEL, args)
+    path = Path(args.model)
+    if path.is_dir() and (path / "config.json").is_file():
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        if model_type == "titans":
+            return TitansLMRunner(path, args)
+    elif path.exists() or args.model.startswith((".", "/", "~")):
+        raise UserError(f"no model at {args.model} (expected a folder with config.json)")
+    return QwenRunner(args.model, args)
+
+
+def prefill(model, ids, cache, segment: int, progress: bool):
+    """Feed ids through the model's cache in segments; memory stays bounded by the cache, not the context."""
+    bar = tqdm(total=len(ids), unit="tok", desc="prefill", disable=not progress or len(ids) <= segment)
+    for start in range(0, len(ids), segment):
+        model(mx.array(ids[start : start + segment])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+        bar.update(min(segment, len(ids) - start))
+    bar.close()
+
+
+def run(args) -> int:
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    text = read_context(args)
+    runner = open_model(args)
+    ids = runner.encode(text, args)
+    cache = runner.load_state(args.memory_state_in) if args.memory_state_in else runner.model.make_cache()
+    start_position = getattr(cache[0], "offset", 0) if args.memory_state_in else 0
+    if start_position + len(ids) > args.max_context:
+        raise UserError(f"context of {start_position + len(ids)} tokens is over --max-context {args.max_context}")
+
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    prefill(runner.model, ids[:-1], cache, runner.segment, progress=args.verbose)
+    sampler = make_sampler(args.temp, args.top_p)
+    out, printed, prompt_time = [], "", None
+    steps = generate_step(mx.array(ids[-1:]), runner.model, max_tokens=args.max_tokens, sampler=sampler,
+                          prompt_cache=cache)
+    if args.verbose:
+        print("=" * 10)
+    for n, (token, _) in enumerate(steps):
+        if n == 0:
+            prompt_time = time.perf_counter() - tic
+            tic = time.perf_counter()
+        if runner.eos and token in runner.eos:
+            break
+        out.append(token)
+        if args.verbose:
+            decoded = runner.decode(out)
+            print(decoded[len(printed):], end="", flush=True)
+            printed = decoded
+    gen_time = time.perf_counter() - tic
+    if prompt_time is None:  # nothing generated (--max-tokens 0): all the time went into the prompt
+        prompt_time, gen_time = gen_time, 0.0
+    if not args.verbose:
+        print(runner.decode(out))
+    if args.memory_state_out:
+        runner.save_state(args.memory_state_out, cache)
+    if args.verbose:
+        print()
+        print("=" * 10)
+        print(f"Prompt: {len(ids)} tokens, {len(ids) / prompt_time:.3f} tokens-per-sec")
+        print(f"Generation: {len(out)} tokens, {len(out) / max(gen_time, 1e-9):.3f} tokens-per-sec")
+        print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""python -m mlx_titans.generate on TitansLM checkpoints (the TitansQwen path is in test_qwen.py)."""
+
+import mlx.core as mx
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from mlx_titans.generate import main
+from mlx_titans.model import TitansConfig, TitansLM, save_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny MAC model with a byte-level tokenizer (one token per byte, so texts concatenate as token lists)."""
+    root = tmp_path_factory.mktemp("gen")
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+                               merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(root / "tokenizer.json"))
+    mx.random.seed(0)
+    model = TitansLM(TitansConfig(variant="mac", vocab_size=256, dim=32, layers=2, heads=2, window=8,
+                                  memory=dict(chunk_size=4)))
+    save_model(root / "mac", model, tokenizer_file=root / "tokenizer.json")
+    return root
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_generates_and_prints_stats(checkpoint, capsys):
+    code, out, err = run(capsys, "--model", checkpoint / "mac", "-p", "hello there", "-m", "6")
+    assert code == 0
+    assert "Prompt: 11 tokens" in out and "Generation: 6 tokens" in out and "Peak memory" in out
+
+
+def test_long_file_context_with_progress(checkpoint, capsys, tmp_path):
+    (tmp_path / "book.txt").write_text("It was a dark and stormy night. " * 40)
+    code, out, err = run(capsys, "--model", checkpoint / "mac", "--file", tmp_path / "book.txt", "-p", "Then",
+                         "-m", "3", "--prefill-step-size", "64")
+    assert code == 0 and "prefill" in err
+
+
+def test_memory_state_out_then_in_equals_one_run(checkpoint, capsys, tmp_path):
+    model = checkpoint / "mac"
+    a, b = "The pass key is 71234. ", "Remember it. What is the pass key? The pass key is"
+    _, whole, _ = run(capsys, "--model", model, "-p", a + b, "-m", "8", "--verbose", "False")
+    assert run(capsys, "--model", model, "-p", a, "-m", "0", "--verbose", "False",
+               "--memory-state-out", tmp_path / "s.safetensors")[0] == 0
+    _, resumed, _ = run(capsys, "--model", model, "-p", b, "-m", "8", "--verbose", "False",
+                        "--memory-state-in", tmp_path / "s.safetensors")
+    assert resumed == whole
+
+
+def test_bad_inputs_give_one_line_and_nonzero_exit(checkpoint, capsys, tmp_path):
+    model = checkpoint / "mac"
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("   ")
+    other = TitansLM(TitansConfig(variant="swa", vocab_size=256, dim=32, layers=1, heads=2, window=8))
+    save_model(tmp_path / "other", other, tokenizer_file=checkpoint / "tokenizer.json")
+    run(capsys, "--model", tmp_path / "other", "-p", "x", "-m", "0", "--memory-state-out", tmp_path / "o.st")
+    cases = [
+        (["--model", tmp_path / "nope", "-p", "hi"], "no model at"),
+        (["--model", model, "-p", ""], "empty prompt"),
+        (["--model", model, "--file", tmp_path / "empty.txt"], "is empty"),
+        (["--model", model, "--file", tmp_path / "missing.txt"], "no such file"),
+        (["--model", model, "--file", tmp_path / "latin1.txt"], "not UTF-8"),
+        (["--model", model, "-p", "x" * 50, "--max-context", "20"], "over --max-context 20"),
+        (["--model", model, "-p", "hi", "--memory-state-in", tmp_path / "o.st"], "another config"),
+        (["--model", model, "-p", "hi", "--window", "16"], "--window applies to TitansQwen"),
+    ]
+    for argv, message in cases:
+        code, out, err = run(capsys, *argv)
+        assert code == 1, argv
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (argv, err)
