@@ -10,6 +10,7 @@ state, and --memory-state-in starts a later run from it.
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -111,6 +112,8 @@ class QwenRunner:
         from . import qwen
 
         try:
+            if not Path(path).exists():
+                path = converted_from_hub(path)
             self.model, self.tokenizer, config = qwen.load(path, window=args.window)
         except (ValueError, FileNotFoundError) as e:
             raise UserError(str(e)) from None
@@ -137,6 +140,17 @@ class QwenRunner:
             return self.qwen.load_memory_state(path, self.model)
         except (ValueError, FileNotFoundError) as e:
             raise UserError(str(e)) from None
+
+
+def converted_from_hub(hub_id: str) -> Path:
+    """A Hub id is downloaded and converted (4-bit) once, into ~/.cache/mlx-titans (or $MLX_TITANS_CACHE)."""
+    from convert.qwen import convert
+
+    root = Path(os.environ.get("MLX_TITANS_CACHE", Path.home() / ".cache" / "mlx-titans"))
+    out = root / (hub_id.replace("/", "--") + "-4bit")
+    if not (out / "config.json").is_file():
+        convert(hub_id, out, quantize=True)
+    return out
 
 
 def open_model(args):

@@ -76,3 +76,32 @@ def test_bad_inputs_give_one_line_and_nonzero_exit(checkpoint, capsys, tmp_path)
         assert code == 1, argv
         lines = err.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (argv, err)
+
+
+def test_unknown_hub_id_offline_is_one_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MLX_TITANS_CACHE", str(tmp_path))
+    code, out, err = run(capsys, "--model", "no-such-org/no-such-model", "-p", "hi")
+    assert code == 1
+    assert err.strip().startswith("error: no-such-org/no-such-model is not a local directory")
+    assert len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # nothing half-converted
+
+
+def test_titans_qwen_generation_and_state_round_trip(capsys, tmp_path):
+    from convert.qwen import convert
+    from tiny_qwen import make_tiny_qwen
+
+    hf = make_tiny_qwen(tmp_path / "hf", "qwen2")
+    convert(hf, tmp_path / "q", quantize=True, titans={"memory_layers": [1], "window": 16, "segment_size": 16,
+                                                        "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8}})
+    model = tmp_path / "q"
+    code, out, _ = run(capsys, "--model", model, "-p", "The quick brown fox", "-m", "5", "--ignore-chat-template")
+    assert code == 0 and "Generation:" in out
+    (tmp_path / "doc.txt").write_text("Titans neural memory learns at test time. " * 30)
+    code, _, _ = run(capsys, "--model", model, "--file", tmp_path / "doc.txt", "-m", "2", "--window", "8",
+                     "--memory-state-out", tmp_path / "s.safetensors")
+    assert code == 0
+    code, _, err = run(capsys, "--model", model, "-p", "again", "-m", "2",
+                       "--memory-state-in", tmp_path / "s.safetensors")  # saved with window 8, loaded with 16
+    assert code == 1 and "another model" in err

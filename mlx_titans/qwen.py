@@ -1,0 +1,391 @@
+"""TitansQwen: mlx-lm's Qwen2 / Qwen2.5 / Qwen3 with bounded attention and Titans neural memory layers.
+
+Built on mlx_lm.models.qwen2 / qwen3: the same modules and weight names (HF checkpoints load unchanged), the same
+lm_head / tied-embedding, sanitize and inner model, plus a "titans" section in config.json:
+
+    {"memory_layers": [3, 10, 17, 24], "window": 4096, "sink_tokens": 4, "segment_size": 2048,
+     "memory": {MemoryConfig fields except dim, which is hidden_size}}
+
+Attention sees the first `sink_tokens` tokens and the `window` tokens before each query (StreamingLLM). The cache
+keeps those keys before RoPE and applies RoPE at attention time, at positions that stay bounded whatever the context
+length: a token at absolute index t in segment k = t // segment_size sits at t - shift_k, with
+shift_k = max(0, k * segment_size - window - sink_tokens), and the sinks at 0..s-1. Distances inside the window are
+exact, no position exceeds segment_size + window + sink_tokens, and since a query's positions depend only on its own
+index, any split of the input into calls gives the same outputs (calls are cut internally at segment boundaries).
+Until the first eviction every shift is 0: the model is then exactly the base model.
+
+Memory layers, after the attention residual:  h = h + memory_gate * NeuralMemory(post_attention_layernorm(h)).
+memory_gate is per channel and starts at 0, so an untrained memory leaves the base model's outputs exactly unchanged.
+Memory weights stay float32 and unquantized; converted models keep them in titans_memory.safetensors, beside
+mlx-lm's model*.safetensors, which stock mlx-lm loads as the plain Qwen.
+"""
+
+import functools
+import hashlib
+import importlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.cache import _BaseCache
+from mlx_lm.utils import load_config, load_model, load_tokenizer
+
+from .neural_memory import MemoryConfig, NeuralMemory
+
+QWEN_TYPES = ("qwen2", "qwen3")
+MEMORY_WEIGHTS = "titans_memory.safetensors"
+STATE_FORMAT = "mlx-titans-qwen-state/1"
+DEFAULT_MEMORY = {"heads": 4, "dim_head": 128, "chunk_size": 64}
+
+
+def default_memory_layers(num_layers: int, count: int = 4) -> list:
+    """`count` evenly spaced layers, one in the middle of each equal block of the stack (3, 10, 17, 24 of 28)."""
+    step = max(1, num_layers // count)
+    return list(range(step // 2, num_layers, step))[:count]
+
+
+@dataclass(frozen=True)
+class TitansConfig:
+    memory_layers: tuple
+    memory: MemoryConfig
+    window: int = 4096
+    sink_tokens: int = 4
+    segment_size: int = 2048  # prompt tokens per call in `prefill` (a multiple of the memory chunk)
+
+    @classmethod
+    def from_section(cls, section: dict, num_layers: int, hidden_size: int) -> "TitansConfig":
+        """Resolve a (possibly partial or empty) titans section against the defaults and check it."""
+        def bad(msg):
+            raise ValueError(f"titans config: {msg}")
+
+        unknown = set(section) - {"memory_layers", "window", "sink_tokens", "segment_size", "memory"}
+        if unknown:
+            bad(f"unknown fields {sorted(unknown)}")
+        memory = section.get("memory", {})
+        if "dim" in memory:
+            bad("memory.dim is the model's hidden_size; leave it out")
+        layers = section.get("memory_layers")
+        layers = tuple(sorted(set(default_memory_layers(num_layers) if layers is None else layers)))
+        sizes = {k: section[k] for k in ("window", "sink_tokens", "segment_size") if k in section}
+        cfg = cls(layers, MemoryConfig.from_dict({**DEFAULT_MEMORY, **memory, "dim": hidden_size}), **sizes)
+        if any(not 0 <= i < num_layers for i in layers):
+            bad(f"memory_layers {list(layers)} must lie in 0..{num_layers - 1}")
+        if cfg.window < 1 or cfg.sink_tokens < 0:
+            bad("window must be >= 1 and sink_tokens >= 0")
+        if cfg.segment_size < 1 or cfg.segment_size % cfg.memory.chunk_size:
+            bad(f"segment_size {cfg.segment_size} must be a multiple of the memory chunk_size {cfg.memory.chunk_size}")
+        return cfg
+
+    def to_section(self) -> dict:
+        memory = self.memory.to_dict()
+        del memory["dim"]
+        return {"memory_layers": list(self.memory_layers), "window": self.window, "sink_tokens": self.sink_tokens,
+                "segment_size": self.segment_size, "memory": memory}
+
+
+def is_memory_weight(name: str) -> bool:
+    """model.layers.N.memory.* and model.layers.N.memory_gate: float32, never quantized, in MEMORY_WEIGHTS."""
+    return ".memory" in name
+
+
+def memory_weights(model) -> dict:
+    return {k: v for k, v in tree_flatten(model.parameters()) if is_memory_weight(k)}
+
+
+# ---------------------------------------------------------------------------------------------------- attention
+def window_mask(n_new: int, n_kept: int, sink_tokens: int, window: int):
+    """Which of the n_kept + n_new keys (kept ones first) each of the n_new queries sees: the sinks, and the keys at
+    most `window` tokens before it. "causal" (None for a single query) when that is every earlier key."""
+    total = n_kept + n_new
+    if total - 1 - sink_tokens <= window:
+        return "causal" if n_new > 1 else None
+    queries = mx.arange(n_kept, total)[:, None]
+    keys = mx.arange(total)[None]
+    return (keys <= queries) & ((keys < sink_tokens) | (queries - keys <= window))
+
+
+class TitansCache(_BaseCache):
+    """One layer's context: the keys (before RoPE) and values of the sinks and of the last `window` tokens, and the
+    layer's NeuralMemory state (None in layers without memory). `offset` counts every token seen."""
+
+    def __init__(self, sink_tokens: int, window: int, segment_size: int):
+        self.sink_tokens, self.window, self.segment_size = sink_tokens, window, segment_size
+        self.keys = self.values = self.memory = None
+        self.offset = 0
+
+    @property
+    def state(self):
+        return self.keys, self.values, self.memory
+
+    def position_shift(self) -> int:
+        """How far below their absolute index the window keys and this call's tokens are rotated (see the module
+        docstring); calls never cross a segment boundary, so one shift serves the whole call."""
+        start = self.offset // self.segment_size * self.segment_size
+        return max(0, start - self.window - self.sink_tokens)
+
+    def make_mask(self, N: int, **_):
+        return window_mask(N, 0 if self.keys is None else self.keys.shape[2], self.sink_tokens, self.window)
+
+    def update_and_fetch(self, keys, values):
+        """Append this call's keys and values; return the kept ones followed by them (what this call attends)."""
+        self.offset += keys.shape[2]
+        if self.keys is not None:
+            keys = mx.concatenate([self.keys, keys], axis=2)
+            values = mx.concatenate([self.values, values], axis=2)
+        self.keys, self.values = self._kept(keys), self._kept(values)
+        return keys, values
+
+    def _kept(self, x):
+        s, n = self.sink_tokens, x.shape[2]
+        if n <= s + self.window:
+            return x
+        return mx.concatenate([x[:, :, :s], x[:, :, n - self.window :]], axis=2)
+
+    def empty(self):
+        return self.keys is None
+
+    @property
+    def nbytes(self):
+        return sum(x.nbytes for _, x in tree_flatten(self.state) if isinstance(x, mx.array))
+
+
+def window_attention(attn, x, mask, cache: TitansCache):
+    """mlx-lm's Qwen2/Qwen3 attention over a TitansCache, with RoPE at the cache's bounded positions."""
+    B, L, _ = x.shape
+    queries = attn.q_proj(x).reshape(B, L, attn.n_heads, -1)
+    keys = attn.k_proj(x).reshape(B, L, attn.n_kv_heads, -1)
+    values = attn.v_proj(x).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    if "q_norm" in attn:  # Qwen3
+        queries, keys = attn.q_norm(queries), attn.k_norm(keys)
+    start, shift, s = cache.offset, cache.position_shift(), cache.sink_tokens
+    keys, values = cache.update_and_fetch(keys.transpose(0, 2, 1, 3), values)
+    queries = attn.rope(queries.transpose(0, 2, 1, 3), offset=start - shift)
+    first = start + L - keys.shape[2]  # absolute index of the first key, unless sinks were split off below
+    if first > 0:  # evicted: [sinks | window | this call], the sinks at 0..s-1 and the rest contiguous
+        first = start + L - (keys.shape[2] - s)
+        keys = mx.concatenate([attn.rope(keys[:, :, :s]), attn.rope(keys[:, :, s:], offset=first - shift)], axis=2)
+    else:
+        keys = attn.rope(keys)
+    out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=attn.scale, mask=mask)
+    return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+# ---------------------------------------------------------------------------------------------------- model
+class MemoryBlock:
+    """Mixed into mlx-lm's TransformerBlock: windowed attention, then (in memory layers) the gated memory read."""
+
+    def __init__(self, args, memory: Optional[MemoryConfig]):
+        super().__init__(args)
+        if memory is not None:
+            self.memory = NeuralMemory(memory)
+            self.memory_gate = mx.zeros((args.hidden_size,))
+
+    def __call__(self, x, mask, cache: TitansCache):
+        h = x + window_attention(self.self_attn, self.input_layernorm(x), mask, cache)
+        if "memory" in self:
+            read, cache.memory = self.memory(self.post_attention_layernorm(h), cache.memory)
+            h = h + (self.memory_gate * read).astype(h.dtype)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class TitansQwen:
+    """Mixed into mlx-lm's qwen2/qwen3 Model (see `get_model_classes`); `model.titans` is the resolved section."""
+
+    block_class: type
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.titans = TitansConfig.from_section(args.titans, args.num_hidden_layers, args.hidden_size)
+        self.model.layers = [
+            self.block_class(args, self.titans.memory if i in self.titans.memory_layers else None)
+            for i in range(args.num_hidden_layers)
+        ]
+
+    def __call__(self, inputs, cache=None, input_embeddings=None):
+        """Logits (batch, tokens, vocab); without a cache the input starts a new context."""
+        cache = self.make_cache() if cache is None else cache
+        return self.head(self.hidden(inputs, cache, input_embeddings))
+
+    def hidden(self, inputs, cache, input_embeddings=None):
+        """The final hidden states, the input cut at segment boundaries (one RoPE shift per call)."""
+        size, n = self.titans.segment_size, inputs.shape[1]
+        pieces, start = [], 0
+        while start < n:
+            end = min(n, start + size - (cache[0].offset % size if start == 0 else 0))
+            embeddings = None if input_embeddings is None else input_embeddings[:, start:end]
+            pieces.append(self.model(inputs[:, start:end], cache, embeddings))
+            start = end
+        return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=1)
+
+    def head(self, h):
+        """mlx-lm's Qwen output layer: the tied embedding or lm_head."""
+        return self.model.embed_tokens.as_linear(h) if self.args.tie_word_embeddings else self.lm_head(h)
+
+    def make_cache(self) -> list:
+        return [TitansCache(self.titans.sink_tokens, self.titans.window, self.titans.segment_size)
+                for _ in self.layers]
+
+    def sanitize(self, weights):
+        """mlx-lm's sanitize; memory weights the checkpoint lacks keep their initial values (gate closed)."""
+        return {**memory_weights(self), **super().sanitize(weights)}
+
+    def quant_predicate(self, path, module):
+        return not is_memory_weight(path)
+
+    def cast_predicate(self, name):
+        return not is_memory_weight(name)
+
+
+@functools.cache
+def _classes(model_type: str):
+    base = importlib.import_module(f"mlx_lm.models.{model_type}")
+
+    @dataclass
+    class ModelArgs(base.ModelArgs):
+        titans: dict = field(default_factory=dict)
+
+    class TransformerBlock(MemoryBlock, base.TransformerBlock):
+        pass
+
+    class Model(TitansQwen, base.Model):
+        block_class = TransformerBlock
+
+    return Model, ModelArgs
+
+
+def get_model_classes(config: dict):
+    """(Model, ModelArgs) for mlx_lm.utils.load_model: TitansQwen on mlx-lm's qwen2 or qwen3."""
+    if config.get("model_type") not in QWEN_TYPES:
+        raise ValueError(f"TitansQwen supports model_type qwen2 and qwen3, not {config.get('model_type')!r}")
+    return _classes(config["model_type"])
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def read_qwen_config(path: Path) -> dict:
+    """config.json (with generation_config's eos) of a Qwen2/Qwen2.5/Qwen3 directory; ValueError otherwise."""
+    if not path.is_dir():
+        raise ValueError(f"no model directory at {path}")
+    try:
+        config = load_config(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path} has no config.json") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}/config.json is not valid JSON ({e})") from None
+    if config.get("model_type") not in QWEN_TYPES:
+        raise ValueError(f"{path} holds a {config.get('model_type')!r} model, not Qwen2/Qwen2.5/Qwen3 "
+                         "(model_type qwen2 or qwen3)")
+    return config
+
+
+def build_model(path: Path, titans: dict, lazy: bool = False):
+    """mlx-lm's load_model with TitansQwen classes, then the memory weights from MEMORY_WEIGHTS when present.
+    Returns (model, config) with the resolved titans section in config."""
+    try:
+        model, config = load_model(path, lazy=True, model_config={"titans": titans},
+                                   get_model_classes=get_model_classes)
+        if (path / MEMORY_WEIGHTS).exists():
+            load_memory_weights(model, path / MEMORY_WEIGHTS)
+        if not lazy:
+            mx.eval(model.parameters())
+    except (RuntimeError, FileNotFoundError) as e:  # mx.load on a corrupt file, no model*.safetensors
+        raise ValueError(f"cannot read the weights in {path}: {str(e).strip().splitlines()[0]}") from None
+    config["titans"] = model.titans.to_section()
+    return model, config
+
+
+def load_memory_weights(model, file: Path):
+    weights = mx.load(str(file))
+    expected = memory_weights(model)
+    if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
+        raise ValueError(f"{file} does not fit the titans section of config.json (other memory layers or sizes)")
+    model.load_weights(list(weights.items()), strict=False)
+
+
+def load(path, *, window: Optional[int] = None):
+    """(model, tokenizer, config) from a directory written by convert/qwen.py, or from a plain mlx-lm / HF Qwen
+    directory (then with the default titans section: untrained memory, gate closed). `window` overrides the
+    titans window."""
+    path = Path(path)
+    titans = dict(read_qwen_config(path).get("titans", {}))
+    if window is not None:
+        titans["window"] = window
+    model, config = build_model(path, titans)
+    return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id")), config
+
+
+def prefill(model, tokens: mx.array, cache: list, segment_size: Optional[int] = None, progress=None):
+    """Feed a prompt (batch, n) through the model `segment_size` tokens per call (default: the titans
+    segment_size), evaluating the cache after each so that memory use does not grow with n.
+    Returns the logits of the last position, (batch, vocab). progress(done, total) follows each segment."""
+    size = segment_size or model.titans.segment_size
+    total = tokens.shape[1]
+    if total == 0:
+        raise ValueError("prefill needs at least one token")
+    for start in range(0, total, size):
+        hidden = model.hidden(tokens[:, start : start + size], cache)
+        mx.eval([c.state for c in cache])
+        mx.clear_cache()
+        if progress is not None:
+            progress(min(start + size, total), total)
+    return model.head(hidden[:, -1])
+
+
+# ---------------------------------------------------------------------------------------------------- state files
+def model_description(model) -> dict:
+    """What a saved state depends on: the base model's config (shapes, RoPE) and the titans section."""
+    base = {k: v for k, v in asdict(model.args).items() if k != "titans"}
+    return {"base": base, "titans": model.titans.to_section()}
+
+
+def _fingerprint(description: dict) -> str:
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_memory_state(path, model, cache: list) -> None:
+    """Write the window keys/values, offsets and memory states of `cache` to a safetensors file, atomically."""
+    path = Path(path)
+    flat = tree_flatten([{"keys": c.keys, "values": c.values, "offset": c.offset, "memory": c.memory} for c in cache])
+    description = model_description(model)
+    metadata = {
+        "format": STATE_FORMAT,
+        "fingerprint": _fingerprint(description),
+        "model": json.dumps(description, sort_keys=True),
+        "integers": json.dumps({k: v for k, v in flat if isinstance(v, int)}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, {k: v for k, v in flat if isinstance(v, mx.array)}, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_memory_state(path, model) -> list:
+    """A cache continuing exactly where `save_memory_state` stopped; refuses a state saved for another model."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no memory state file at {path}")
+    try:
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+    if metadata.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not a TitansQwen memory state")
+    ours = model_description(model)
+    if metadata.get("fingerprint") != _fingerprint(ours):
+        saved, ours = dict(tree_flatten(json.loads(metadata["model"]))), dict(tree_flatten(ours))
+        differ = [k for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
+        raise ValueError(f"memory state {path} was saved for another model (differs in {', '.join(differ[:6])})")
+    layers = tree_unflatten([*arrays.items(), *json.loads(metadata["integers"]).items()])
+    cache = model.make_cache()
+    for c, saved in zip(cache, layers):
+        c.keys, c.values, c.offset, c.memory = saved.get("keys"), saved.get("values"), saved["offset"], saved.get("memory")
+    return cache

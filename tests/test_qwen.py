@@ -1,0 +1,303 @@
+"""TitansQwen (mlx_titans/qwen.py) and its converter (convert/qwen.py) on tiny random Qwen2 / Qwen3 checkpoints."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.convert import convert as mlx_convert
+from mlx_lm.generate import stream_generate
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.utils import load_model
+
+import convert.qwen as converter
+from mlx_titans.qwen import (
+    get_model_classes, load, load_memory_state, memory_weights, prefill, save_memory_state,
+)
+from tiny_qwen import make_tiny_qwen
+
+REPO = Path(__file__).resolve().parent.parent
+# small titans settings: chunk 8, so a few dozen tokens fill several memory chunks
+SMALL = {"memory_layers": [0, 1], "window": 16, "sink_tokens": 4, "segment_size": 16,
+         "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8}}
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    """Tiny HF checkpoints: qwen2 with lm_head and q/k/v bias, qwen3 with tied embeddings and q/k norms; and
+    "mlx-4bit": what stock mlx_lm.convert -q makes of the qwen2 one."""
+    root = tmp_path_factory.mktemp("hf")
+    dirs = {"qwen2": make_tiny_qwen(root / "qwen2", "qwen2"), "qwen3": make_tiny_qwen(root / "qwen3", "qwen3", tie=True)}
+    mlx_convert(str(dirs["qwen2"]), str(root / "mlx-4bit"), quantize=True)
+    return {**dirs, "mlx-4bit": root / "mlx-4bit"}
+
+
+def titans_model(path, gate=0.0, **section):
+    """TitansQwen through mlx-lm's load_model hook; gate > 0 opens every memory gate to random values of that size."""
+    mx.random.seed(0)  # the same memory initialisation in every model built here
+    model, _ = load_model(Path(path), model_config={"titans": {**SMALL, **section}}, get_model_classes=get_model_classes)
+    for i, layer in enumerate(model.layers):
+        if "memory" in layer and gate:
+            layer.memory_gate = gate * mx.random.normal(layer.memory_gate.shape, key=mx.random.key(i))
+    return model
+
+
+def prompt(n, seed=0):
+    return mx.random.randint(3, 1000, (1, n), key=mx.random.key(seed))
+
+
+def feed(model, tokens, lengths, cache=None):
+    """Logits of `tokens` fed in calls of the given lengths."""
+    cache = model.make_cache() if cache is None else cache
+    bounds = np.cumsum([0, *lengths])
+    return mx.concatenate([model(tokens[:, a:b], cache) for a, b in zip(bounds[:-1], bounds[1:])], axis=1)
+
+
+def assert_close(a, b, tol=2e-5):
+    a, b = np.array(a), np.array(b)
+    assert np.abs(a - b).max() <= tol * max(1.0, np.abs(b).max()), np.abs(a - b).max()
+
+
+def reference_logits(model, tokens):
+    """Windowed attention written out over the whole sequence, slow: query t sees the sinks k < s and the keys
+    t - W <= k <= t; for the queries of segment g (R tokens each) the sinks sit at RoPE positions 0..s-1 and any
+    other token k at k - max(0, g R - W - s)."""
+    s, W, n, R = model.titans.sink_tokens, model.titans.window, tokens.shape[1], model.titans.segment_size
+    bounds = np.array([*range(0, n, R), n])
+    t = mx.arange(n)
+
+    def rope_at(rope, x, positions):  # x (L, heads, D), each row rotated at its own position
+        return rope(x[:, :, None], offset=positions)[:, :, 0]
+
+    x = model.model.embed_tokens(tokens)
+    for layer in model.layers:
+        attn = layer.self_attn
+        xn = layer.input_layernorm(x)[0]
+        q = attn.q_proj(xn).reshape(n, attn.n_heads, -1)
+        k = attn.k_proj(xn).reshape(n, attn.n_kv_heads, -1)
+        v = attn.v_proj(xn).reshape(n, attn.n_kv_heads, -1)
+        if "q_norm" in attn:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        k, v = (mx.repeat(z, attn.n_heads // attn.n_kv_heads, axis=1) for z in (k, v))
+        out = []
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            pos = mx.where(t < s, t, t - max(0, a - W - s))[:b]
+            scores = mx.einsum("qhd,khd->hqk", rope_at(attn.rope, q[a:b], pos[a:b]), rope_at(attn.rope, k[:b], pos))
+            tq, tk = t[a:b, None], t[None, :b]
+            visible = (tk <= tq) & ((tk < s) | (tq - tk <= W))
+            weights = mx.softmax(mx.where(visible, scores * attn.scale, -mx.inf), axis=-1)
+            out.append(mx.einsum("hqk,khd->qhd", weights, v[:b]))
+        h = x + attn.o_proj(mx.concatenate(out).reshape(1, n, -1))
+        if "memory" in layer:
+            read, _ = layer.memory(layer.post_attention_layernorm(h))  # the memory streams: one call = any split
+            h = h + layer.memory_gate * read
+        x = h + layer.mlp(layer.post_attention_layernorm(h))
+    return model.head(model.model.norm(x))
+
+
+# ---------------------------------------------------------------------------------------------------- converter
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_convert_quantized_then_load_generate_and_stock_load(hf, arch, tmp_path):
+    out = tmp_path / "out"
+    rc = converter.main(["--hf-path", str(hf[arch]), "--mlx-path", str(out), "-q", "--memory-layers", "1",
+                         "--window", "24", "--sink-tokens", "2", "--segment-size", "16", "--chunk-size", "8",
+                         "--memory-heads", "2", "--memory-dim-head", "16"])
+    assert rc == 0 and (out / "titans_memory.safetensors").is_file()
+    assert load(out, window=8)[0].titans.window == 8
+    model, tokenizer, config = load(out)
+    assert config["titans"]["memory_layers"] == [1] and config["titans"]["window"] == 24
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert all(isinstance(m, nn.QuantizedLinear) for m in (attn.q_proj, attn.o_proj, mlp.up_proj, mlp.down_proj))
+    memory = model.layers[1].memory
+    assert "memory" not in model.layers[0]
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in memory.named_modules())
+    assert set(mx.load(str(out / "titans_memory.safetensors"))) == set(memory_weights(model))
+    assert {w.dtype for w in memory_weights(model).values()} == {mx.float32}
+
+    responses = list(stream_generate(model, tokenizer, "Hello world", max_tokens=6, prefill_step_size=5))
+    assert responses[-1].generation_tokens == 6 or responses[-1].finish_reason == "stop"
+
+    stock, stock_tokenizer = mlx_lm.load(str(out))  # the plain Qwen: no memory, base weights only
+    assert not any(".memory" in name for name, _ in tree_flatten(stock.parameters()))
+    tokens = mx.array([stock_tokenizer.encode("The quick brown fox jumps over")])
+    assert tokens.shape[1] <= 24
+    assert mx.array_equal(model(tokens), stock(tokens))  # untrained memory: gate closed
+    last = list(stream_generate(stock, stock_tokenizer, "hello", max_tokens=3))[-1]
+    assert last.generation_tokens == 3 or last.finish_reason == "stop"
+
+
+def corrupt_checkpoint(root):
+    path = make_tiny_qwen(root / "corrupt", "qwen2")
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return str(path)
+
+
+BAD_SOURCES = {
+    "missing path": (lambda root: str(root / "nope"), "does not exist"),
+    "non-Qwen": (lambda root: str(make_tiny_qwen(root / "llama", model_type="llama")), "not Qwen2"),
+    "corrupt safetensors": (corrupt_checkpoint, "cannot read the weights"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SOURCES)
+def test_convert_bad_source_one_line_nothing_written(case, tmp_path, capsys):
+    make_source, message = BAD_SOURCES[case]
+    source, work = make_source(tmp_path), tmp_path / "work"
+    work.mkdir()
+    assert converter.main(["--hf-path", source, "--mlx-path", str(work / "out"), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert list(work.iterdir()) == []
+
+
+def test_convert_unknown_hub_id_offline_as_script(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    run = subprocess.run([sys.executable, "convert/qwen.py", "--hf-path", "mlx-titans-test/no-such-model",
+                          "--mlx-path", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [
+        "error: mlx-titans-test/no-such-model is not a local directory and the Hugging Face Hub cannot provide it "
+        "(HF_HUB_OFFLINE is set)"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_refuses_existing_output_and_leaves_nothing_on_interrupt(hf, tmp_path, monkeypatch, capsys):
+    (tmp_path / "taken").mkdir()
+    assert converter.main(["--hf-path", str(hf["qwen2"]), "--mlx-path", str(tmp_path / "taken")]) == 1
+    assert "already exists" in capsys.readouterr().err
+
+    def interrupted_save(dst, *args, **kwargs):
+        (Path(dst) / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(converter, "save", interrupted_save)
+    assert converter.main(["--hf-path", str(hf["qwen2"]), "--mlx-path", str(tmp_path / "out")]) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_load_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="no model directory"):
+        load(tmp_path / "nope")
+    with pytest.raises(ValueError, match="not Qwen2"):
+        load(make_tiny_qwen(tmp_path / "llama", model_type="llama"))
+    with pytest.raises(ValueError, match="cannot read the weights"):
+        load(corrupt_checkpoint(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------- model
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mlx-4bit"])
+def test_gate_closed_equals_stock_qwen_within_window(hf, arch):
+    model, _, config = load(hf[arch])  # a plain HF / mlx-lm directory: default titans section, untrained memory
+    assert config["titans"]["memory_layers"] == [0, 1]
+    stock, _ = mlx_lm.load(str(hf[arch]))
+    tokens = prompt(40)
+    assert mx.array_equal(model(tokens), stock(tokens))
+    cache, stock_cache = model.make_cache(), make_prompt_cache(stock)
+    prefill(model, tokens[:, :-1], cache, segment_size=13)
+    for start in range(0, 39, 13):  # the same calls: BLAS results may depend on the matrix shapes
+        stock(tokens[:, start : start + 13], cache=stock_cache)
+    assert mx.array_equal(model(tokens[:, -1:], cache), stock(tokens[:, -1:], cache=stock_cache))
+
+
+@pytest.mark.parametrize("arch,gate", [("qwen2", 0.0), ("qwen2", 0.05), ("qwen3", 0.05)])
+def test_beyond_window_equals_reference(hf, arch, gate):
+    model = titans_model(hf[arch], gate)
+    tokens = prompt(72)  # window 16 + 4 sinks: evicting from token 21 on
+    reference = reference_logits(model, tokens)
+    for lengths in ([20, 13, 7, 1, 1, 16, 14], [72], [5] * 14 + [2], [1] * 72):  # any split: the same outputs
+        ours = feed(model, tokens, lengths)
+        assert_close(ours, reference)
+    unbounded = feed(titans_model(hf[arch], gate, window=100), tokens, [72])
+    assert np.abs(np.array(ours - unbounded)).max() > 100 * 2e-5  # the window changes the outputs
+
+
+def test_segmented_prefill_equals_whole_and_drives_stream_generate(hf):
+    model = titans_model(hf["qwen2"], 0.05)  # window 16: most of the prompt has left the window
+    tokens, after = prompt(56), prompt(3, seed=1)
+
+    def run(segment_size):
+        cache = model.make_cache()
+        last = prefill(model, tokens, cache, segment_size)
+        return last, model(after, cache), cache
+
+    whole_last, whole_after, whole_cache = run(56)
+    for segment_size in (None, 8, 24, 5, 13):
+        last, next_logits, cache = run(segment_size)
+        assert_close(last, whole_last)
+        assert_close(next_logits, whole_after)
+        for c, w in zip(cache, whole_cache):
+            assert c.offset == w.offset == 59
+            got = dict(tree_flatten(c.memory))
+            for name, value in tree_flatten(w.memory):  # fast weights, momentum, unstored remainder, position
+                assert_close(got[name], value)
+
+    closed = titans_model(hf["qwen2"])
+    assert np.abs(np.array(prefill(closed, tokens, closed.make_cache()) - whole_last)).max() > 1e-3  # memory is read
+
+    # stock mlx-lm sampling over our cache (greedy, prefill in steps of 5) = our own greedy loop
+    _, tokenizer, _ = load(hf["qwen2"])
+    generated = [r.token for r in stream_generate(model, tokenizer, tokens[0].tolist(), max_tokens=4,
+                                                  prefill_step_size=5)]
+    cache, ours = model.make_cache(), []
+    logits = prefill(model, tokens, cache)
+    for _ in range(4):
+        ours.append(mx.argmax(logits, axis=-1))
+        logits = model(ours[-1][None], cache)[:, -1]
+    assert generated == mx.concatenate(ours).tolist()
+
+
+def test_cached_decode_equals_uncached_forward(hf):
+    model = titans_model(hf["qwen3"], 0.05)
+    tokens = prompt(45)
+    cache = model.make_cache()
+    prefill(model, tokens[:, :-1], cache, segment_size=8)
+    assert_close(model(tokens[:, -1:], cache)[:, -1], model(tokens)[:, -1])
+
+
+def test_memory_state_out_and_in_continues_exactly(hf, tmp_path):
+    first, then = prompt(45), prompt(21, seed=1)  # beyond the window, memory mid-chunk
+    model = titans_model(hf["qwen2"], 0.05)
+    cache = model.make_cache()
+    prefill(model, first, cache)
+    save_memory_state(tmp_path / "state.safetensors", model, cache)
+    expected = model(then, cache)
+
+    second_run = titans_model(hf["qwen2"], 0.05)
+    restored = load_memory_state(tmp_path / "state.safetensors", second_run)
+    assert [c.offset for c in restored] == [45, 45]
+    assert mx.array_equal(second_run(then, restored), expected)
+    assert [c.keys.shape[2] for c in restored] == [4 + 16] * 2
+
+
+def test_memory_state_of_another_model_is_refused(hf, tmp_path):
+    model = titans_model(hf["qwen2"])
+    cache = model.make_cache()
+    prefill(model, prompt(10), cache)
+    save_memory_state(tmp_path / "state.safetensors", model, cache)
+    for other in (titans_model(hf["qwen2"], window=32), titans_model(hf["qwen3"])):
+        with pytest.raises(ValueError, match="saved for another model"):
+            load_memory_state(tmp_path / "state.safetensors", other)
+    with pytest.raises(ValueError, match="not a TitansQwen memory state"):
+        load_memory_state(hf["qwen2"] / "model.safetensors", model)
+
+
+def test_peak_memory_flat_in_context_length(hf):
+    model = titans_model(hf["qwen2"], 0.05, memory_layers=[1], window=32, segment_size=128,
+                         memory={"heads": 1, "dim_head": 16, "chunk_size": 128})
+    prefill(model, prompt(1024), model.make_cache())  # compile and warm up
+    peaks = []
+    for n in (4096, 65536):
+        tokens = prompt(n)
+        mx.eval(tokens)
+        mx.reset_peak_memory()
+        mx.eval(prefill(model, tokens, model.make_cache()))
+        peaks.append(mx.get_peak_memory() - tokens.nbytes)  # weights and working memory, not the prompt itself
+    assert peaks[1] <= 1.1 * peaks[0], peaks

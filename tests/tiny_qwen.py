@@ -1,0 +1,96 @@
+"""Tiny random Qwen2 / Qwen3 checkpoints in Hugging Face layout, built offline (numpy, tokenizers, safetensors).
+
+    python tests/tiny_qwen.py OUT [qwen2|qwen3]
+
+A ByteLevel BPE tokenizer trained on a few sentences, float32 weights (std 0.02) under the HF names, config.json and
+generation_config.json as transformers writes them. hidden 64 and intermediate 128 keep every Linear divisible by the
+quantization group size 64.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Titans neural memory learns at test time.",
+    "Hello world! Long context generation with memory augmented Qwen models.",
+]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+    "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_tokenizer(out: Path, vocab_size: int):
+    """Write tokenizer.json and tokenizer_config.json; return the ids of <|im_end|> (eos) and <|endoftext|>."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 50, trainer)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "bos_token": None, "chat_template": CHAT_TEMPLATE,
+    }))
+    return tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
+
+
+def make_tiny_qwen(out, arch="qwen2", hidden=64, layers=2, heads=4, kv_heads=2, inter=128, vocab=1000, tie=False,
+                   model_type=None, seed=0) -> Path:
+    """Write a random `arch` ("qwen2": q/k/v bias; "qwen3": q/k norms, head_dim) checkpoint into `out`.
+    model_type overrides config.json's (to make a checkpoint that is not Qwen)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    eos, pad = make_tokenizer(out, vocab)
+    rng = np.random.default_rng(seed)
+    head_dim = hidden // heads
+
+    def normal(*shape):
+        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+
+    def ones(n):
+        return np.ones(n, np.float32)
+
+    w = {"model.embed_tokens.weight": normal(vocab, hidden), "model.norm.weight": ones(hidden)}
+    if not tie:
+        w["lm_head.weight"] = normal(vocab, hidden)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name, n in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
+            w[f"{p}self_attn.{name}_proj.weight"] = normal(n * head_dim, hidden)
+            if arch == "qwen2":
+                w[f"{p}self_attn.{name}_proj.bias"] = normal(n * head_dim)
+        if arch == "qwen3":
+            w[f"{p}self_attn.q_norm.weight"] = ones(head_dim)
+            w[f"{p}self_attn.k_norm.weight"] = ones(head_dim)
+        w[f"{p}self_attn.o_proj.weight"] = normal(hidden, heads * head_dim)
+        w[f"{p}mlp.gate_proj.weight"] = normal(inter, hidden)
+        w[f"{p}mlp.up_proj.weight"] = normal(inter, hidden)
+        w[f"{p}mlp.down_proj.weight"] = normal(hidden, inter)
+        w[f"{p}input_layernorm.weight"] = ones(hidden)
+        w[f"{p}post_attention_layernorm.weight"] = ones(hidden)
+    save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "architectures": [f"{arch.capitalize()}ForCausalLM"], "model_type": model_type or arch,
+        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
+        "max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": tie,
+        "torch_dtype": "bfloat16", "bos_token_id": pad, "eos_token_id": eos,
+        **({"head_dim": head_dim} if arch == "qwen3" else {}),
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, pad]}))
+    return out
+
+
+if __name__ == "__main__":
+    make_tiny_qwen(sys.argv[1], *sys.argv[2:3])
