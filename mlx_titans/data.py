@@ -1,0 +1,88 @@
+"""Training data: text folders to token streams, random training windows, a fixed validation set, synthetic tasks.
+
+Every source gives global batches `(inputs, targets, loss_mask)` of numpy arrays, each (batch, length); under
+data parallelism each process trains on its own rows of the global batch (`shard`).
+"""
+
+import hashlib
+import importlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .tokenizer import EOS, read_text
+
+
+def split_files(folder) -> dict:
+    """{"train": [...], "valid": [...]} .txt files: from train/ and valid/ subfolders, else every 10th file is valid."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data folder {folder} does not exist")
+    if (folder / "train").is_dir() and (folder / "valid").is_dir():
+        splits = {split: sorted((folder / split).rglob("*.txt")) for split in ("train", "valid")}
+    else:
+        files = sorted(folder.rglob("*.txt"))
+        if len(files) == 1:
+            raise ValueError(f"data folder {folder} has one .txt file; a split by file needs at least 2")
+        splits = {"train": [f for i, f in enumerate(files) if i % 10], "valid": files[::10]}
+    for split, files in splits.items():
+        if not files:
+            raise ValueError(f"data folder {folder} has no .txt files for the {split} split")
+    return splits
+
+
+def token_stream(files, tokenizer, cache_dir, name: str) -> np.ndarray:
+    """The files encoded and joined, each followed by EOS; cached as a .npy keyed by the tokenizer and the files'
+    paths, sizes and modification times."""
+    key = hashlib.sha256(tokenizer.to_str().encode())
+    for f in files:
+        stat = f.stat()
+        key.update(f"{f.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    path = Path(cache_dir) / f"tokens-{name}-{key.hexdigest()[:16]}.npy"
+    if not path.exists():
+        dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
+        eos = np.array([tokenizer.token_to_id(EOS)], dtype=dtype)
+        parts = [part for f in files for part in (np.array(tokenizer.encode(read_text(f)).ids, dtype=dtype), eos)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, np.concatenate(parts))
+        os.replace(tmp, path)
+    return np.load(path, mmap_mode="r")
+
+
+def _as_batch(windows):
+    windows = windows.astype(np.int32)
+    return windows[:, :-1], windows[:, 1:], np.ones((len(windows), windows.shape[1] - 1), dtype=np.float32)
+
+
+def random_windows(tokens, batch: int, length: int, rng):
+    """`batch` windows of length + 1 tokens at uniformly random offsets."""
+    starts = rng.integers(0, len(tokens) - length, size=batch)
+    return _as_batch(np.stack([tokens[s : s + length + 1] for s in starts]))
+
+
+def valid_windows(tokens, batch: int, length: int, max_batches: int) -> list:
+    """Non-overlapping windows spread evenly over the stream: the same batches at every evaluation."""
+    windows = (len(tokens) - 1) // length
+    n = min(windows // batch, max_batches)
+    if n == 0:
+        raise ValueError(f"the validation stream has {len(tokens)} tokens, fewer than one batch of "
+                         f"{batch} x {length + 1}")
+    starts = np.arange(n * batch).reshape(n, batch) * (windows // (n * batch)) * length
+    return [_as_batch(np.stack([tokens[s : s + length + 1] for s in row])) for row in starts]
+
+
+def load_task_source(spec: str):
+    """'module:function' -> a synthetic task source: function(task, batch, length, rng, vocab) -> a batch."""
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"cannot load the task source {spec!r} (want 'module:function'): {e}") from None
+
+
+def shard(batch, rank: int, size: int):
+    """This process's rows of a global batch."""
+    rows = len(batch[0]) // size
+    return tuple(np.asarray(a)[rank * rows : (rank + 1) * rows] for a in batch)
