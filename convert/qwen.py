@@ -33,6 +33,7 @@ from mlx.utils import tree_map_with_path
 from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_tokenizer, quantize_model, save
 from tqdm import tqdm
 
+from mlx_titans.files import run_reporting_errors
 from mlx_titans.qwen import MEMORY_WEIGHTS, build_model, memory_weights, read_qwen_config
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -149,18 +150,11 @@ def main(argv=None):
     titans.add_argument("--memory-dim-head", type=int, help="memory head size")
     titans.add_argument("--memory-depth", type=int, help="memory MLP depth (1: linear memory)")
     args = parser.parse_args(argv)
-    try:
-        convert(args.hf_path, args.mlx_path, args.quantize, args.q_bits, args.q_group_size, args.dtype,
-                titans_section(args))
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing written", file=sys.stderr)
-        return 130
-    except (OSError, ValueError, RuntimeError) as e:
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        print(f"error: {lines[0]}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.mlx_path}")
-    return 0
+    code = run_reporting_errors(lambda: convert(args.hf_path, args.mlx_path, args.quantize, args.q_bits,
+                                                args.q_group_size, args.dtype, titans_section(args)))
+    if code == 0:
+        print(f"wrote {args.mlx_path}")
+    return code
 
 
 if __name__ == "__main__":

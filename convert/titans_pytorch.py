@@ -24,6 +24,7 @@ if __package__ in (None, ""):
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from mlx_titans.files import run_reporting_errors
 from mlx_titans.interop import from_titans_pytorch
 
 SOURCE = "titans-pytorch 0.5.5"
@@ -137,17 +138,11 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     args = parser.parse_args(argv)
-    try:
-        convert(args.checkpoint, read_kwargs(args), args.out, args.prefix, args.force)
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing written", file=sys.stderr)
-        return 130
-    except (OSError, ValueError, TypeError, RuntimeError) as e:
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        print(f"error: {lines[0]}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.out}/model.safetensors and {args.out}/config.json")
-    return 0
+    code = run_reporting_errors(lambda: convert(args.checkpoint, read_kwargs(args), args.out, args.prefix,
+                                                args.force), errors=(OSError, ValueError, TypeError, RuntimeError))
+    if code == 0:
+        print(f"wrote {args.out}/model.safetensors and {args.out}/config.json")
+    return code
 
 
 if __name__ == "__main__":

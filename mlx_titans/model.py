@@ -19,6 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .blocks import VARIANTS, Block, LayerCache
+from .files import save_safetensors_atomic
 from .neural_memory import MemoryConfig
 
 
@@ -143,15 +144,7 @@ def save_cache(path, model: TitansLM, cache: list) -> None:
                         ints[f"{i}.{name}.{key}"] = value
         ints[f"{i}.start"], ints[f"{i}.offset"] = c.start, getattr(c, "offset", 0)
     metadata = {"format": "mlx-titans-lm-cache/1", "fingerprint": _fingerprint(model.config), "ints": json.dumps(ints)}
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", suffix=".safetensors")
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, arrays, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_safetensors_atomic(path, arrays, metadata)
 
 
 def load_cache(path, model: TitansLM) -> list:

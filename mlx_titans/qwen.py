@@ -24,8 +24,6 @@ import functools
 import hashlib
 import importlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -35,6 +33,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.cache import _BaseCache
 from mlx_lm.utils import load_config, load_model, load_tokenizer
 
+from .files import save_safetensors_atomic
 from .neural_memory import MemoryConfig, NeuralMemory
 
 QWEN_TYPES = ("qwen2", "qwen3")
@@ -357,15 +356,7 @@ def save_memory_state(path, model, cache: list) -> None:
         "model": json.dumps(description, sort_keys=True),
         "integers": json.dumps({k: v for k, v in flat if isinstance(v, int)}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, {k: v for k, v in flat if isinstance(v, mx.array)}, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_safetensors_atomic(path, {k: v for k, v in flat if isinstance(v, mx.array)}, metadata)
 
 
 def load_memory_state(path, model) -> list:

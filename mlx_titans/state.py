@@ -5,13 +5,12 @@ with the fields that differ.
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .files import save_safetensors_atomic
 from .neural_memory import MemoryConfig
 
 
@@ -25,15 +24,7 @@ def save_state(path, state: dict, config: MemoryConfig) -> None:
         "fingerprint": config.fingerprint(),
         "position": str(state["position"]),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, arrays, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_safetensors_atomic(path, arrays, metadata)
 
 
 def load_state(path, config: MemoryConfig) -> dict:

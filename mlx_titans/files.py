@@ -1,0 +1,36 @@
+"""Writing files so that a failure or Ctrl-C never leaves a half-written one, and one-line CLI errors."""
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+
+
+def save_safetensors_atomic(path, arrays: dict, metadata: dict) -> None:
+    """mx.save_safetensors into a temporary file beside `path`, renamed into place once complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, arrays, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_reporting_errors(action, errors=(OSError, ValueError, RuntimeError)) -> int:
+    """Call action(); an expected failure prints one `error: ...` line (exit 1), Ctrl-C exits 130."""
+    try:
+        action()
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except errors as e:
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        print(f"error: {lines[0]}", file=sys.stderr)
+        return 1
+    return 0
