@@ -92,15 +92,19 @@ class TitansLM(nn.Module):
         return sum(v.size for _, v in tree_flatten(self.parameters()))
 
 
-def save_model(path, model: TitansLM, tokenizer_file=None) -> None:
-    """config.json + model.safetensors (+ tokenizer.json), written to a temporary folder renamed into place."""
+def save_model(path, model: TitansLM, tokenizer_file=None, dtype=None) -> None:
+    """config.json + model.safetensors (+ tokenizer.json), written to a temporary folder renamed into place;
+    `dtype` (e.g. mx.bfloat16) stores the weights in that type, halving the file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         config = {"model_type": "titans", **asdict(model.config)}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
+        weights = dict(tree_flatten(model.parameters()))
+        if dtype is not None:
+            weights = {k: v.astype(dtype) for k, v in weights.items()}
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights)
         if tokenizer_file is not None:
             shutil.copy(tokenizer_file, tmp / "tokenizer.json")
         if path.exists():
@@ -120,6 +124,7 @@ def load_model(path) -> TitansLM:
         raise ValueError(f"{path} is not a TitansLM checkpoint (model_type {config.get('model_type')!r})")
     model = TitansLM(TitansConfig.from_dict(config))
     model.load_weights(str(path / "model.safetensors"))
+    model.set_dtype(mx.float32)  # weights may be stored in half precision; the memory's updates run in float32
     mx.eval(model.parameters())
     return model
 

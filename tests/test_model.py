@@ -132,3 +132,12 @@ def test_cache_save_load_continues_exactly(tmp_path, variant):
     assert mx.allclose(mx.concatenate([first, second], axis=1), whole, atol=1e-5)
     with pytest.raises(ValueError, match="another config"):
         load_cache(tmp_path / "state.safetensors", make(variant, window=5))
+
+
+def test_half_precision_storage_loads_as_float32(tmp_path):
+    model = make("mac")
+    save_model(tmp_path / "bf16", model, dtype=mx.bfloat16)
+    loaded = load_model(tmp_path / "bf16")
+    assert all(v.dtype == mx.float32 for _, v in tree_flatten(loaded.parameters()))
+    t = tokens(9)
+    assert mx.allclose(loaded(t), model(t), atol=0.05)
