@@ -302,17 +302,23 @@ class NeuralMemory(nn.Module):
         if store_mask is not None and tuple(store_mask.shape) != tuple(x.shape[:2]):
             raise ValueError(f"store_mask must have shape {tuple(x.shape[:2])}, got {tuple(store_mask.shape)}")
         if state is not None:
-            expect = self.initial_state(x.shape[0])
-            for name, w in expect["weights"].items():
-                got = state.get("weights", {}).get(name)
-                if got is None or got.shape != w.shape:
-                    raise ValueError(
-                        f"memory state does not fit this NeuralMemory (weights[{name!r}] has shape "
-                        f"{None if got is None else tuple(got.shape)}, expected {tuple(w.shape)}: "
-                        "another config or batch size?)"
-                    )
-            if set(state) != set(expect):
-                raise ValueError(f"memory state has fields {sorted(state)}, expected {sorted(expect)}")
+            self._check_state(state, x.shape[0] * cfg.heads)
+
+    def _check_state(self, state, B):
+        """Shapes and fields only (no arrays built): this runs on every call, decode steps included."""
+        cfg = self.config
+        fields = {"weights", "remainder", "position"} | ({"momentum"} if cfg.momentum else set()) \
+            | ({"reference"} if cfg.refresh_chunks != 1 else set()) | ({"conv"} if cfg.conv_size else set())
+        if set(state) != fields:
+            raise ValueError(f"memory state has fields {sorted(state)}, expected {sorted(fields)}")
+        for name, w in self.initial_weights.items():
+            expected = (B, *(w.shape[1:] if cfg.per_head_init else w.shape))
+            got = state["weights"].get(name)
+            if got is None or tuple(got.shape) != expected:
+                raise ValueError(
+                    f"memory state does not fit this NeuralMemory (weights[{name!r}] has shape "
+                    f"{None if got is None else tuple(got.shape)}, expected {expected}: another config or batch size?)"
+                )
 
     def check_finite(self, x):
         """Raise on NaN/Inf input. A host sync: call it at API boundaries, not inside decode loops."""
