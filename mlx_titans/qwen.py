@@ -109,17 +109,45 @@ def window_mask(n_new: int, n_kept: int, sink_tokens: int, window: int):
 
 
 class TitansCache(_BaseCache):
-    """One layer's context: the keys (before RoPE) and values of the sinks and of the last `window` tokens, and the
-    layer's NeuralMemory state (None in layers without memory). `offset` counts every token seen."""
+    """One layer's context: the keys (before RoPE) and values of the sinks and of the recent tokens, the same keys
+    rotated for the current segment, and the layer's NeuralMemory state (None in layers without memory).
+
+    Decoding writes each token into preallocated buffers in place and rotates only the new keys: the buffers are
+    compacted to sinks + last `window` and the keys re-rotated once per segment (when the RoPE shift moves), so a
+    step costs what stock mlx-lm's KVCache costs plus O(window / segment_size). `offset` counts every token seen."""
+
+    step = 256
 
     def __init__(self, sink_tokens: int, window: int, segment_size: int):
         self.sink_tokens, self.window, self.segment_size = sink_tokens, window, segment_size
-        self.keys = self.values = self.memory = None
+        self._k = self._v = self._rotated = self.memory = None
+        self.size = 0  # keys held: the sinks, then a contiguous run of recent tokens
         self.offset = 0
+        self._rotated_shift = None
 
     @property
     def state(self):
-        return self.keys, self.values, self.memory
+        return self._k, self._v, self._rotated, self.memory
+
+    @property
+    def keys(self):
+        """The kept keys, before RoPE: the sinks and the last `window` tokens (what a saved state holds)."""
+        return None if self._k is None else self._kept(self._k[:, :, : self.size])
+
+    @property
+    def values(self):
+        return None if self._v is None else self._kept(self._v[:, :, : self.size])
+
+    def restore(self, keys, values, offset: int):
+        """Set the kept keys/values and position (from a saved state)."""
+        self._k, self._v, self._rotated, self._rotated_shift = keys, values, None, None
+        self.size, self.offset = (0 if keys is None else keys.shape[2]), offset
+
+    def _kept(self, x):
+        s, n = self.sink_tokens, x.shape[2]
+        if n <= s + self.window:
+            return x
+        return mx.concatenate([x[:, :, :s], x[:, :, n - self.window :]], axis=2)
 
     def position_shift(self) -> int:
         """How far below their absolute index the window keys and this call's tokens are rotated (see the module
@@ -128,25 +156,47 @@ class TitansCache(_BaseCache):
         return max(0, start - self.window - self.sink_tokens)
 
     def make_mask(self, N: int, **_):
-        return window_mask(N, 0 if self.keys is None else self.keys.shape[2], self.sink_tokens, self.window)
+        return window_mask(N, self.size, self.sink_tokens, self.window)
 
-    def update_and_fetch(self, keys, values):
-        """Append this call's keys and values; return the kept ones followed by them (what this call attends)."""
-        self.offset += keys.shape[2]
-        if self.keys is not None:
-            keys = mx.concatenate([self.keys, keys], axis=2)
-            values = mx.concatenate([self.values, values], axis=2)
-        self.keys, self.values = self._kept(keys), self._kept(values)
-        return keys, values
+    def _write(self, buffer, new):
+        """new into buffer at [size, size + L), growing it in steps; returns the buffer."""
+        B, H, L, D = new.shape
+        if buffer is None or self.size + L > buffer.shape[2]:
+            grow = mx.zeros((B, H, (self.size + L + self.step - 1) // self.step * self.step, D), dtype=new.dtype)
+            if buffer is not None:
+                grow[:, :, : self.size] = buffer[:, :, : self.size]
+            buffer = grow
+        buffer[:, :, self.size : self.size + L] = new
+        return buffer
 
-    def _kept(self, x):
-        s, n = self.sink_tokens, x.shape[2]
+    def _compact(self):
+        """Drop the keys no query can see any more: keep the sinks and the last `window`."""
+        s, n = self.sink_tokens, self.size
         if n <= s + self.window:
-            return x
-        return mx.concatenate([x[:, :, :s], x[:, :, n - self.window :]], axis=2)
+            return
+        keep = lambda b: None if b is None else mx.concatenate([b[:, :, :s], b[:, :, n - self.window : n]], axis=2)
+        self._k, self._v, self._rotated = keep(self._k), keep(self._v), keep(self._rotated)
+        self.size = s + self.window
+
+    def update_and_fetch(self, keys, values, rope):
+        """Append this call's keys (before RoPE) and values; return the rotated keys and the values it attends."""
+        s, shift = self.sink_tokens, self.position_shift()
+        if self._rotated_shift != shift and self.size:  # a new segment (or a restored state): rotate the kept keys
+            first = self.offset - (self.size - s) if self.size > s else 0  # absolute index of slot s
+            kept = self._k[:, :, : self.size]
+            self._rotated = mx.concatenate([rope(kept[:, :, :s]), rope(kept[:, :, s:], offset=first - shift)], axis=2)
+        self._rotated_shift = shift
+        self._k, self._v = self._write(self._k, keys), self._write(self._v, values)
+        self._rotated = self._write(self._rotated, rope(keys, offset=self.offset - shift))
+        self.size += keys.shape[2]
+        self.offset += keys.shape[2]
+        out = self._rotated[:, :, : self.size], self._v[:, :, : self.size]
+        if self.position_shift() != shift:  # the next call starts a new segment: drop what it cannot see
+            self._compact()
+        return out
 
     def empty(self):
-        return self.keys is None
+        return self._k is None
 
     @property
     def nbytes(self):
@@ -161,15 +211,8 @@ def window_attention(attn, x, mask, cache: TitansCache):
     values = attn.v_proj(x).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
     if "q_norm" in attn:  # Qwen3
         queries, keys = attn.q_norm(queries), attn.k_norm(keys)
-    start, shift, s = cache.offset, cache.position_shift(), cache.sink_tokens
-    keys, values = cache.update_and_fetch(keys.transpose(0, 2, 1, 3), values)
-    queries = attn.rope(queries.transpose(0, 2, 1, 3), offset=start - shift)
-    first = start + L - keys.shape[2]  # absolute index of the first key, unless sinks were split off below
-    if first > 0:  # evicted: [sinks | window | this call], the sinks at 0..s-1 and the rest contiguous
-        first = start + L - (keys.shape[2] - s)
-        keys = mx.concatenate([attn.rope(keys[:, :, :s]), attn.rope(keys[:, :, s:], offset=first - shift)], axis=2)
-    else:
-        keys = attn.rope(keys)
+    queries = attn.rope(queries.transpose(0, 2, 1, 3), offset=cache.offset - cache.position_shift())
+    keys, values = cache.update_and_fetch(keys.transpose(0, 2, 1, 3), values, attn.rope)
     out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=attn.scale, mask=mask)
     return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -378,5 +421,6 @@ def load_memory_state(path, model) -> list:
     layers = tree_unflatten([*arrays.items(), *json.loads(metadata["integers"]).items()])
     cache = model.make_cache()
     for c, saved in zip(cache, layers):
-        c.keys, c.values, c.offset, c.memory = saved.get("keys"), saved.get("values"), saved["offset"], saved.get("memory")
+        c.restore(saved.get("keys"), saved.get("values"), saved["offset"])
+        c.memory = saved.get("memory")
     return cache
