@@ -327,9 +327,7 @@ class NeuralMemory(nn.Module):
 
     # ------------------------------------------------------------------ features
     def _features(self, x, conv_cache):
-        """Per-token queries, keys, values, learning rates and gate logits, heads split into the batch.
-
-        conv_cache None skips the short convolution (a token-local read, see `retrieve`)."""
+        """Per-token queries, keys, values, learning rates and gate logits, heads split into the batch."""
         cfg = self.config
         b, n, _ = x.shape
         h, d = cfg.heads, cfg.dim_head
@@ -337,7 +335,7 @@ class NeuralMemory(nn.Module):
         xs = self.store_norm(x) if cfg.pre_norm else x
         q, k, v = self.to_queries(xr), self.to_keys(xs), self.to_values(xs)
         new_conv = None
-        if cfg.conv_size and conv_cache is not None:
+        if cfg.conv_size:
             qkv = mx.concatenate([conv_cache, mx.concatenate([q, k, v], axis=-1)], axis=1)
             K = cfg.conv_size
             out = sum(qkv[:, i : i + n] * self.conv_weight[i] for i in range(K))
@@ -349,13 +347,7 @@ class NeuralMemory(nn.Module):
         def heads_first(t):
             return t.reshape(b, n, h, -1).transpose(0, 2, 1, 3)
 
-        q, k, v = heads_first(q), heads_first(k), heads_first(v)
-        if cfg.qk_l2norm:
-            q = q * mx.rsqrt((q * q).sum(-1, keepdims=True) + 1e-12)
-            k = k * mx.rsqrt((k * k).sum(-1, keepdims=True) + 1e-12)
-        if cfg.qk_rmsnorm:
-            q = mx.fast.rms_norm(q, None, cfg.norm_eps) * (1 + self.q_norm_gamma)
-            k = mx.fast.rms_norm(k, None, cfg.norm_eps) * (1 + self.k_norm_gamma)
+        q, k = self._query_key_heads(q, "q_norm_gamma"), self._query_key_heads(k, "k_norm_gamma")
         B = b * h
         lr = mx.sigmoid(self.to_lr(xs)) * cfg.max_lr  # (b, n, h)
         lr = lr.transpose(0, 2, 1).reshape(B, n)
@@ -368,9 +360,20 @@ class NeuralMemory(nn.Module):
             alpha = self.to_decay(xs).transpose(0, 2, 1).reshape(B, n)
         else:
             alpha = mx.zeros((B, n, d) if cfg.channelwise_decay else (B, n), dtype=x.dtype)
-        feats = {"keys": k.reshape(B, n, d), "values": v.reshape(B, n, d), "lr": lr, "eta": eta, "alpha": alpha}
+        feats = {"keys": k, "values": heads_first(v).reshape(B, n, d), "lr": lr, "eta": eta, "alpha": alpha}
         gate = mx.sigmoid(self.retrieve_gate(xr)) if cfg.heads > 1 else None
-        return q.reshape(B, n, d), gate, feats, new_conv
+        return q, gate, feats, new_conv
+
+    def _query_key_heads(self, t, gamma_name: str):
+        """(b, n, heads * d) queries or keys -> (b * heads, n, d), with the optional l2 / RMS normalisations."""
+        cfg = self.config
+        b, n, _ = t.shape
+        t = t.reshape(b, n, cfg.heads, -1).transpose(0, 2, 1, 3)
+        if cfg.qk_l2norm:
+            t = t * mx.rsqrt((t * t).sum(-1, keepdims=True) + 1e-12)
+        if cfg.qk_rmsnorm:
+            t = mx.fast.rms_norm(t, None, cfg.norm_eps) * (1 + self[gamma_name])
+        return t.reshape(b * cfg.heads, n, -1)
 
     # ------------------------------------------------------------------ forward
     def __call__(self, x, state: Optional[dict] = None, store_mask=None):
@@ -451,8 +454,13 @@ class NeuralMemory(nn.Module):
         """Read the memory as it stands in `state` for every token of x, storing nothing (MAC's h = M*(q)).
 
         Token-local: the short convolution is not applied, so a token's read never depends on its neighbours."""
+        cfg = self.config
         b, n, _ = x.shape
-        queries, gate, _, _ = self._features(x.astype(self.to_keys.weight.dtype), None)
+        xr = x.astype(self.to_keys.weight.dtype)
+        xr = self.retrieve_norm(xr) if cfg.pre_norm else xr
+        queries = self.to_queries(xr)
+        queries = self._query_key_heads(nn.silu(queries) if cfg.qkv_silu else queries, "q_norm_gamma")
+        gate = mx.sigmoid(self.retrieve_gate(xr)) if cfg.heads > 1 else None
         y = memory_forward(state["weights"], queries)
         return self._output(y, gate, b, n).astype(x.dtype)
 
