@@ -34,3 +34,17 @@ def run_reporting_errors(action, errors=(OSError, ValueError, RuntimeError)) -> 
         print(f"error: {lines[0]}", file=sys.stderr)
         return 1
     return 0
+
+
+def load_safetensors_checked(path, file_format: str, what: str):
+    """(arrays, metadata) of a file written with metadata {"format": file_format}; one clear error otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} file at {path}")
+    try:
+        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({str(e).strip().splitlines()[0]})") from None
+    if metadata.get("format") != file_format:
+        raise ValueError(f"{path} is not a {what} file")
+    return arrays, metadata

@@ -97,11 +97,9 @@ class TitansLMRunner:
     def load_state(self, path):
         from .model import load_cache
 
-        if not Path(path).is_file():
-            raise UserError(f"no memory state file at {path}")
         try:
             return load_cache(path, self.model)
-        except ValueError as e:
+        except (ValueError, FileNotFoundError) as e:
             raise UserError(str(e)) from None
 
 

@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .blocks import VARIANTS, Block, LayerCache
-from .files import save_safetensors_atomic
+from .files import load_safetensors_checked, save_safetensors_atomic
 from .neural_memory import MemoryConfig
 
 
@@ -154,12 +154,7 @@ def save_cache(path, model: TitansLM, cache: list) -> None:
 
 def load_cache(path, model: TitansLM) -> list:
     """Read a cache written by `save_cache`, refusing one from a model of another config."""
-    try:
-        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable memory state file ({e})") from None
-    if metadata.get("format") != "mlx-titans-lm-cache/1":
-        raise ValueError(f"{path} is not a TitansLM memory state file")
+    arrays, metadata = load_safetensors_checked(path, "mlx-titans-lm-cache/1", "TitansLM memory state")
     if metadata.get("fingerprint") != _fingerprint(model.config):
         raise ValueError(f"memory state {path} was written by a model with another config")
     flat = {**arrays, **json.loads(metadata["ints"])}

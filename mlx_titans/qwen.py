@@ -33,7 +33,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.cache import _BaseCache
 from mlx_lm.utils import load_config, load_model, load_tokenizer
 
-from .files import save_safetensors_atomic
+from .files import load_safetensors_checked, save_safetensors_atomic
 from .neural_memory import MemoryConfig, NeuralMemory
 
 QWEN_TYPES = ("qwen2", "qwen3")
@@ -404,15 +404,7 @@ def save_memory_state(path, model, cache: list) -> None:
 
 def load_memory_state(path, model) -> list:
     """A cache continuing exactly where `save_memory_state` stopped; refuses a state saved for another model."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no memory state file at {path}")
-    try:
-        arrays, metadata = mx.load(str(path), return_metadata=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
-    if metadata.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path} is not a TitansQwen memory state")
+    arrays, metadata = load_safetensors_checked(path, STATE_FORMAT, "TitansQwen memory state")
     ours = model_description(model)
     if metadata.get("fingerprint") != _fingerprint(ours):
         saved, ours = dict(tree_flatten(json.loads(metadata["model"]))), dict(tree_flatten(ours))

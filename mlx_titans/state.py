@@ -10,7 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .files import save_safetensors_atomic
+from .files import load_safetensors_checked, save_safetensors_atomic
 from .neural_memory import MemoryConfig
 
 
@@ -29,15 +29,7 @@ def save_state(path, state: dict, config: MemoryConfig) -> None:
 
 def load_state(path, config: MemoryConfig) -> dict:
     """Read a state written by `save_state`, refusing one saved from a memory with another config."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no memory state file at {path}")
-    try:
-        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable safetensors memory state: {e}") from None
-    if metadata.get("format") != "mlx-titans-memory-state/1":
-        raise ValueError(f"{path} is not an mlx-titans memory state file")
+    arrays, metadata = load_safetensors_checked(path, "mlx-titans-memory-state/1", "NeuralMemory state")
     if metadata.get("fingerprint") != config.fingerprint():
         saved = json.loads(metadata.get("config", "{}"))
         ours = config.to_dict()
