@@ -6,13 +6,16 @@ lm_head / tied-embedding, sanitize and inner model, plus a "titans" section in c
     {"memory_layers": [3, 10, 17, 24], "window": 4096, "sink_tokens": 4, "segment_size": 2048,
      "memory": {MemoryConfig fields except dim, which is hidden_size}}
 
-Attention sees the first `sink_tokens` tokens and the `window` tokens before each query (StreamingLLM). The cache
-keeps those keys before RoPE and applies RoPE at attention time, at positions that stay bounded whatever the context
-length: a token at absolute index t in segment k = t // segment_size sits at t - shift_k, with
-shift_k = max(0, k * segment_size - window - sink_tokens), and the sinks at 0..s-1. Distances inside the window are
-exact, no position exceeds segment_size + window + sink_tokens, and since a query's positions depend only on its own
-index, any split of the input into calls gives the same outputs (calls are cut internally at segment boundaries).
-Until the first eviction every shift is 0: the model is then exactly the base model.
+Attention sees the first `sink_tokens` tokens (StreamingLLM) and a window that slides once per segment: a token
+of segment k = t // segment_size sees the `window` tokens before the segment's start and the segment up to itself
+(between `window` and `window + segment_size` recent keys). So every call attends all the keys its cache holds under
+a plain causal mask, mlx-lm's fused attention path, and no (queries x keys) mask is ever built. The cache keeps those
+keys before RoPE and applies RoPE at attention time, at positions that stay bounded whatever the context length: a
+token at absolute index t sits at t - shift_k, with shift_k = max(0, k * segment_size - window - sink_tokens), and
+the sinks at 0..s-1. Distances inside the window are exact, no position exceeds segment_size + window + sink_tokens,
+and since a query's keys and positions depend only on its own index, any split of the input into calls gives the
+same outputs (calls are cut internally at segment boundaries). Until the first eviction every shift is 0: the model
+is then exactly the base model.
 
 Memory layers, after the attention residual:  h = h + memory_gate * NeuralMemory(post_attention_layernorm(h)).
 memory_gate is per channel and starts at 0, so an untrained memory leaves the base model's outputs exactly unchanged.
@@ -97,20 +100,10 @@ def memory_weights(model) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- attention
-def window_mask(n_new: int, n_kept: int, sink_tokens: int, window: int):
-    """Which of the n_kept + n_new keys (kept ones first) each of the n_new queries sees: the sinks, and the keys at
-    most `window` tokens before it. "causal" (None for a single query) when that is every earlier key."""
-    total = n_kept + n_new
-    if total - 1 - sink_tokens <= window:
-        return "causal" if n_new > 1 else None
-    queries = mx.arange(n_kept, total)[:, None]
-    keys = mx.arange(total)[None]
-    return (keys <= queries) & ((keys < sink_tokens) | (queries - keys <= window))
-
-
 class TitansCache(_BaseCache):
-    """One layer's context: the keys (before RoPE) and values of the sinks and of the recent tokens, the same keys
-    rotated for the current segment, and the layer's NeuralMemory state (None in layers without memory).
+    """One layer's context: the keys (before RoPE) and values of the sinks, of the `window` tokens before the current
+    segment and of the segment so far, the same keys rotated for the current segment, and the layer's NeuralMemory
+    state (None in layers without memory).
 
     Decoding writes each token into preallocated buffers in place and rotates only the new keys: the buffers are
     compacted to sinks + last `window` and the keys re-rotated once per segment (when the RoPE shift moves), so a
@@ -131,23 +124,17 @@ class TitansCache(_BaseCache):
 
     @property
     def keys(self):
-        """The kept keys, before RoPE: the sinks and the last `window` tokens (what a saved state holds)."""
-        return None if self._k is None else self._kept(self._k[:, :, : self.size])
+        """The kept keys, before RoPE (what a saved state holds)."""
+        return None if self._k is None else self._k[:, :, : self.size]
 
     @property
     def values(self):
-        return None if self._v is None else self._kept(self._v[:, :, : self.size])
+        return None if self._v is None else self._v[:, :, : self.size]
 
     def restore(self, keys, values, offset: int):
         """Set the kept keys/values and position (from a saved state)."""
         self._k, self._v, self._rotated, self._rotated_shift = keys, values, None, None
         self.size, self.offset = (0 if keys is None else keys.shape[2]), offset
-
-    def _kept(self, x):
-        s, n = self.sink_tokens, x.shape[2]
-        if n <= s + self.window:
-            return x
-        return mx.concatenate([x[:, :, :s], x[:, :, n - self.window :]], axis=2)
 
     def position_shift(self) -> int:
         """How far below their absolute index the window keys and this call's tokens are rotated (see the module
@@ -156,7 +143,8 @@ class TitansCache(_BaseCache):
         return max(0, start - self.window - self.sink_tokens)
 
     def make_mask(self, N: int, **_):
-        return window_mask(N, self.size, self.sink_tokens, self.window)
+        """Every kept key is visible (see the module docstring): causal among the new tokens."""
+        return "causal" if N > 1 else None
 
     def _write(self, buffer, new):
         """new into buffer at [size, size + L), growing it in steps; returns the buffer."""

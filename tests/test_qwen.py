@@ -65,9 +65,9 @@ def assert_close(a, b, tol=2e-5):
 
 
 def reference_logits(model, tokens):
-    """Windowed attention written out over the whole sequence, slow: query t sees the sinks k < s and the keys
-    t - W <= k <= t; for the queries of segment g (R tokens each) the sinks sit at RoPE positions 0..s-1 and any
-    other token k at k - max(0, g R - W - s)."""
+    """Windowed attention written out over the whole sequence, slow: query t of segment g (R tokens each) sees the
+    sinks k < s and the keys g R - W <= k <= t; the sinks sit at RoPE positions 0..s-1 and any other token k at
+    k - max(0, g R - W - s)."""
     s, W, n, R = model.titans.sink_tokens, model.titans.window, tokens.shape[1], model.titans.segment_size
     bounds = np.array([*range(0, n, R), n])
     t = mx.arange(n)
@@ -90,7 +90,7 @@ def reference_logits(model, tokens):
             pos = mx.where(t < s, t, t - max(0, a - W - s))[:b]
             scores = mx.einsum("qhd,khd->hqk", rope_at(attn.rope, q[a:b], pos[a:b]), rope_at(attn.rope, k[:b], pos))
             tq, tk = t[a:b, None], t[None, :b]
-            visible = (tk <= tq) & ((tk < s) | (tq - tk <= W))
+            visible = (tk <= tq) & ((tk < s) | (tk >= a - W))
             weights = mx.softmax(mx.where(visible, scores * attn.scale, -mx.inf), axis=-1)
             out.append(mx.einsum("hqk,khd->qhd", weights, v[:b]))
         h = x + attn.o_proj(mx.concatenate(out).reshape(1, n, -1))
@@ -274,7 +274,7 @@ def test_memory_state_out_and_in_continues_exactly(hf, tmp_path):
     restored = load_memory_state(tmp_path / "state.safetensors", second_run)
     assert [c.offset for c in restored] == [45, 45]
     assert mx.array_equal(second_run(then, restored), expected)
-    assert [c.keys.shape[2] for c in restored] == [4 + 16] * 2
+    assert [c.keys.shape[2] for c in restored] == [4 + 16 + 2] * 2  # sinks, tokens 48..63, the segment's 64, 65
 
 
 def test_memory_state_of_another_model_is_refused(hf, tmp_path):
