@@ -253,6 +253,7 @@ class NeuralMemory(nn.Module):
         self._hyper = hp
         self._parallel = mx.compile(partial(_parallel_step, cfg))
         self._sequential = mx.compile(partial(_sequential_step, cfg))
+        self._features_and_reads = mx.compile(self._features_and_reads_eager, inputs=self.state)
 
     @classmethod
     def from_pretrained(cls, path) -> "NeuralMemory":
@@ -364,6 +365,14 @@ class NeuralMemory(nn.Module):
         gate = mx.sigmoid(self.retrieve_gate(xr)) if cfg.heads > 1 else None
         return q, gate, feats, new_conv
 
+    def _features_and_reads_eager(self, x, weights, conv_cache):
+        """The features and every token's read of `weights`, for calls that complete no chunk (decode steps):
+        compiled as one graph (the module's parameters are its implicit inputs), it launches a few fused kernels
+        where the op-by-op path launches dozens."""
+        queries, gate, feats, new_conv = self._features(x, conv_cache)
+        b, n, _ = x.shape
+        return self._output(memory_forward(weights, queries), gate, b, n), feats, new_conv
+
     def _query_key_heads(self, t, gamma_name: str):
         """(b, n, heads * d) queries or keys -> (b * heads, n, d), with the optional l2 / RMS normalisations."""
         cfg = self.config
@@ -385,27 +394,30 @@ class NeuralMemory(nn.Module):
             state = self.initial_state(b)
         out_dtype = x.dtype
         x = x.astype(self.to_keys.weight.dtype)
-        queries, gate, feats, new_conv = self._features(x, state.get("conv"))
+        rem = state["remainder"]
+        r = rem["keys"].shape[1]
+        weights = state["weights"]
+        if r + n < c:  # no chunk completes: every token reads the weights as they are
+            y, feats, new_conv = self._features_and_reads(x, weights, state.get("conv"))
+        else:
+            queries, gate, feats, new_conv = self._features(x, state.get("conv"))
         if store_mask is not None:
             mask = mx.repeat(store_mask[:, None], h, axis=1).reshape(b * h, n)
             feats["lr"] = mx.where(mask, feats["lr"], 0)
 
-        rem = state["remainder"]
-        r = rem["keys"].shape[1]
         seq = {name: mx.concatenate([rem[name], feats[name]], axis=1) for name in feats}
         total = r + n
         n_chunks = total // c
         stored = n_chunks * c
         chunks_before = (state["position"] - r) // c
 
-        weights = state["weights"]
         momentum = state.get("momentum", {})
         reference = state.get("reference")
 
-        # retrieval groups: token i reads the weights after (r + i + 1) // c of this call's chunks
-        first = min(n, c - r - 1)
-        pieces = [memory_forward(weights, queries[:, :first])] if first > 0 else []
         if n_chunks:
+            # retrieval groups: token i reads the weights after (r + i + 1) // c of this call's chunks
+            first = min(n, c - r - 1)
+            pieces = [memory_forward(weights, queries[:, :first])] if first > 0 else []
             B = b * h
             chunked = {
                 "keys": seq["keys"][:, :stored].reshape(B, n_chunks, c, d),
@@ -435,7 +447,8 @@ class NeuralMemory(nn.Module):
                 if y.shape[1]:
                     pieces.append(y.reshape(B, -1, d))
             pieces.append(memory_forward(weights, queries[:, first + (n_chunks - 1) * c :]))
-        y = mx.concatenate(pieces, axis=1) if len(pieces) > 1 else pieces[0]
+            y = mx.concatenate(pieces, axis=1) if len(pieces) > 1 else pieces[0]
+            y = self._output(y, gate, b, n)
 
         new_state = {
             "weights": weights,
@@ -448,7 +461,7 @@ class NeuralMemory(nn.Module):
             new_state["reference"] = reference
         if new_conv is not None:
             new_state["conv"] = new_conv
-        return self._output(y, gate, b, n).astype(out_dtype), new_state
+        return y.astype(out_dtype), new_state
 
     def retrieve(self, x, state: dict):
         """Read the memory as it stands in `state` for every token of x, storing nothing (MAC's h = M*(q)).
