@@ -59,8 +59,10 @@ def fetch(hf_path: str) -> Path:
 
 def cast(model, dtype: str):
     """mlx_lm.convert's dtype cast, skipping what model.cast_predicate excludes (the memory)."""
+    predicate = getattr(model, "cast_predicate", lambda name: True)  # stock mlx-lm models may lack one
+
     def to_dtype(name, w):
-        keep = not model.cast_predicate(name) or not mx.issubdtype(w.dtype, mx.floating)
+        keep = not predicate(name) or not mx.issubdtype(w.dtype, mx.floating)
         return w if keep else w.astype(getattr(mx, dtype))
 
     model.update(tree_map_with_path(to_dtype, model.parameters()))

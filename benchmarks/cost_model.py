@@ -1,0 +1,145 @@
+"""Analytic cost per token of a Qwen model under each context method, and a roofline projection to a Mac.
+
+Decode at batch 1 is bound by memory traffic: every weight is read once per generated token, and attention reads
+the cached keys and values it attends (all of them for a full KV cache, at most the window for a rotating cache or
+TitansQwen). Prefill is bound by arithmetic: 2 FLOPs per weight per token, plus 4 * heads * head_dim FLOPs per layer
+for every key a query attends (the useful ones: causal, inside the window). TitansQwen adds its memory layers:
+float32 projections and memory MLPs read per token, and per chunk a gradient step on the memory MLP.
+
+    decode tok/s  ~ bandwidth / decode_bytes(...)        prefill tok/s ~ FLOP/s / prefill_flops(...)
+
+The sizes come from the config alone (checked against built models in tests/test_context_scaling.py).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+M3_MAX = {"name": "Apple M3 Max", "bandwidth_gb_s": 400.0, "tflop_s": 10.6}  # 10.6: 8B 4-bit, 428 tok/s at 32K
+METHODS = ("titans", "full", "rotating")
+FLOAT32 = 4
+
+
+@dataclass(frozen=True)
+class Shapes:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    qk_norm: bool  # Qwen3
+    qkv_bias: bool  # Qwen2
+
+    @classmethod
+    def from_config(cls, c: dict) -> "Shapes":
+        return cls(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["num_key_value_heads"],
+                   c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"], c["intermediate_size"],
+                   c["vocab_size"], c.get("tie_word_embeddings", False), c["model_type"] == "qwen3",
+                   c["model_type"] == "qwen2")
+
+
+def layer_matrix_params(s: Shapes) -> int:
+    """Weights of one block's matrices (quantized in a 4-bit model): attention projections and the SwiGLU MLP."""
+    return s.hidden * s.head_dim * (2 * s.heads + 2 * s.kv_heads) + 3 * s.hidden * s.intermediate
+
+
+def layer_vector_params(s: Shapes) -> int:
+    """One block's vectors (never quantized): two RMSNorms, Qwen2's q/k/v biases, Qwen3's q/k norms."""
+    return 2 * s.hidden + (s.heads + 2 * s.kv_heads) * s.head_dim * s.qkv_bias + 2 * s.head_dim * s.qk_norm
+
+
+def matrix_bytes(n: int, bits, group_size: int, dtype_bytes: int) -> float:
+    """Bytes of n weights: affine-quantized (bits per weight plus a scale and a bias per group) or plain."""
+    return n * bits / 8 + n / group_size * 2 * dtype_bytes if bits else n * dtype_bytes
+
+
+def memory_sizes(titans: dict, hidden: int) -> dict:
+    """Per memory layer (float32): 'matrices' read by every token (projections, gates), 'mlp' the memory MLP's
+    weights over all heads, 'vectors' the rest (norms, biases, the residual gate)."""
+    m = titans["memory"]
+    heads, d = m["heads"], m["dim_head"] or hidden // m["heads"]
+    inner = heads * d
+    gates = 1 + m["momentum"] * m["momentum_order"] + m["weight_decay"] * (d if m["channelwise_decay"] else 1)
+    matrices = 3 * hidden * inner + hidden * heads * gates
+    matrices += hidden * heads * (heads > 1) + inner * hidden * (heads > 1 or inner != hidden)
+    widths = [d] + [int(d * m["expansion"])] * (m["depth"] - 1) + [d]
+    mlp = heads * (sum(a * b for a, b in zip(widths[:-1], widths[1:])) + d * m["residual_norm"])
+    vectors = heads * gates + 2 * hidden * m["pre_norm"] + hidden  # gate biases, norms, memory_gate
+    vectors += 3 * m["conv_size"] * inner + 2 * heads * d * m["qk_rmsnorm"] + heads * d * m["post_rmsnorm"]
+    return {"matrices": matrices, "mlp": mlp, "vectors": vectors}
+
+
+def weight_bytes(config: dict, method: str, titans: dict, bits=4, group_size=64, dtype_bytes=2) -> float:
+    """All parameter bytes of the model (the memory weights only for titans)."""
+    s = Shapes.from_config(config)
+    matrices = s.layers * layer_matrix_params(s) + s.vocab * s.hidden * (1 if s.tied else 2)
+    total = matrix_bytes(matrices, bits, group_size, dtype_bytes)
+    total += (s.layers * layer_vector_params(s) + s.hidden) * dtype_bytes
+    if method == "titans":
+        total += len(titans["memory_layers"]) * sum(memory_sizes(titans, s.hidden).values()) * FLOAT32
+    return total
+
+
+def attended(method: str, context: int, titans: dict, max_kv_size: int) -> float:
+    """Keys a generated token attends at this context length (TitansQwen: averaged over a segment, since its
+    window slides once per segment: the sinks, `window` tokens, and on average half a segment plus itself)."""
+    if method == "full":
+        return context
+    if method == "rotating":
+        return min(context, max_kv_size)
+    return min(context, titans["sink_tokens"] + titans["window"] + (titans["segment_size"] + 1) / 2)
+
+
+def kv_bytes_per_token(config: dict, dtype_bytes=2) -> int:
+    s = Shapes.from_config(config)
+    return 2 * s.layers * s.kv_heads * s.head_dim * dtype_bytes
+
+
+def decode_bytes(config, method, context, titans, max_kv_size, bits=4, group_size=64, dtype_bytes=2) -> float:
+    """Bytes read to generate one token at this context: the weights (the embedding table only one row) and the
+    attended keys and values; for titans also the memory layers, and per chunk (amortized) the memory MLP's
+    weights and momentum read and written by its update."""
+    s = Shapes.from_config(config)
+    total = weight_bytes(config, method, titans, bits, group_size, dtype_bytes)
+    if not s.tied:  # the input embedding: one row of a separate table
+        total -= matrix_bytes(s.vocab * s.hidden, bits, group_size, dtype_bytes) * (1 - 1 / s.vocab)
+    total += kv_bytes_per_token(config, dtype_bytes) * attended(method, context, titans, max_kv_size)
+    if method == "titans":
+        mem = memory_sizes(titans, s.hidden)
+        total += len(titans["memory_layers"]) * 4 * mem["mlp"] * FLOAT32 / titans["memory"]["chunk_size"]
+    return total
+
+
+def mean_attended(method: str, context: int, titans: dict, max_kv_size: int) -> float:
+    """Keys attended per query, averaged over a prompt of `context` tokens (causal: token t sees t keys)."""
+    if method == "full":
+        return (context + 1) / 2
+    k = attended(method, context, titans, max_kv_size)
+    if context <= k:
+        return (context + 1) / 2
+    return (k * (k + 1) / 2 + (context - k) * k) / context
+
+
+def prefill_flops(config, method, context, titans, max_kv_size) -> float:
+    """FLOPs per token of a `context`-token prompt (the output layer only runs on the last token: left out).
+    The memory: its projections, and per token a retrieval through the memory MLP plus the update's forward and
+    backward of the keys (about 4 MLP passes)."""
+    s = Shapes.from_config(config)
+    flops = 2 * s.layers * layer_matrix_params(s)
+    flops += 4 * s.layers * s.heads * s.head_dim * mean_attended(method, context, titans, max_kv_size)
+    if method == "titans":
+        mem = memory_sizes(titans, s.hidden)
+        flops += len(titans["memory_layers"]) * (2 * mem["matrices"] + 8 * mem["mlp"])
+    return flops
+
+
+def fit_time_per_token(work, seconds_per_token) -> dict:
+    """Least-squares seconds/token = overhead + work / rate over measured rows; the fit and its worst error."""
+    work, t = np.asarray(work, float), np.asarray(seconds_per_token, float)
+    slope, overhead = np.polyfit(work, t, 1)
+    predicted = overhead + slope * work
+    return {"overhead_ms": 1e3 * float(overhead), "rate": float(1 / slope) if slope > 0 else float("inf"),
+            "max_rel_error": float(np.max(np.abs(predicted - t) / t)), "predicted_tps": (1 / predicted).tolist()}
