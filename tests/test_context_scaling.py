@@ -1,7 +1,6 @@
 """benchmarks/cost_model.py against built models and caches, and benchmarks/context_scaling.py end to end (tiny)."""
 
 import json
-from types import SimpleNamespace
 
 import mlx.core as mx
 import pytest
