@@ -38,7 +38,7 @@ from .data import load_task_source, random_windows, shard, split_files, token_st
 from .model import TitansConfig, TitansLM, save_model
 from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
-MODEL_KEYS = ("variant", "dim", "layers", "heads", "window", "persistent_tokens", "memory", "memory_layers")
+MODEL_KEYS = ("variant", "dim", "layers", "heads", "mlp_dim", "window", "persistent_tokens", "memory", "memory_layers")
 DEFAULTS = {
     "data": None, "tokenizer": None, "vocab_size": None, "cache_dir": None,
     "task": None, "task_source": "mlx_titans.tasks:make_batch", "task_kwargs": {},
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dim", "model width", type=int)
     add("--layers", "number of blocks", type=int)
     add("--heads", "attention heads", type=int)
+    add("--mlp-dim", "feed-forward width (default: 8/3 dim, rounded up to a multiple of 32)", type=int)
     add("--window", "sliding-window size (mag, mal, swa) or segment length (mac)", type=int)
     add("--persistent-tokens", "learned persistent memory tokens", type=int)
     add("--memory", "MemoryConfig options as JSON, e.g. '{\"chunk_size\": 16, \"conv_size\": 4}'",

@@ -1,0 +1,98 @@
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks.reproduce import RUNS, build_parser, count_parameters, matched_config, mixed_batch, model_config
+from benchmarks.reproduce import main as reproduce
+from mlx_titans.tasks import FIRST_SYMBOL, NEEDLE, QUERY
+
+TEXT_VOCAB = 200
+TINY = ["--dim", "32", "--layers", "1", "--heads", "2", "--window", "32", "--persistent-tokens", "2",
+        "--memory", '{"chunk_size": 16, "heads": 2, "max_grad_norm": 1.0}', "--seq-len", "64", "--batch-size", "4",
+        "--steps", "2", "--warmup", "1", "--samples", "2", "--valid-batches", "2"]
+
+
+def write_stream(path, n, seed, vocab=TEXT_VOCAB):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.random.default_rng(seed).integers(0, vocab, n).astype(np.uint16))
+    return path
+
+
+def in_stream(piece, text):
+    """Is `piece` a contiguous run of `text`?"""
+    windows = np.lib.stride_tricks.sliding_window_view(text, len(piece))
+    return bool((windows == piece).all(-1).any())
+
+
+def test_mixed_batch(tmp_path):
+    tokens = write_stream(tmp_path / "train.npy", 3000, seed=0)
+    text = np.load(tokens).astype(np.int32) + FIRST_SYMBOL
+    vocab, length = TEXT_VOCAB + FIRST_SYMBOL, 48
+    inputs, targets, mask = mixed_batch("passkey,number,word", 8, length, np.random.default_rng(0), vocab, tokens)
+    assert inputs.shape == targets.shape == mask.shape == (8, length)
+    assert (inputs[:, 1:] == targets[:, :-1]).all()
+    for row, (seq, tgt, weights) in enumerate(zip(inputs, targets, mask)):
+        if row < 4:  # needle rows: the answer is the last tokens, weighted to a full row, after a book haystack
+            answer = np.flatnonzero(weights)
+            assert 5 <= len(answer) <= 7 and answer[0] == length - len(answer)
+            assert np.isclose(weights.sum(), length)
+            needle, query = np.flatnonzero(seq == NEEDLE)[0], np.flatnonzero(seq == QUERY)[0]
+            key = length - query - len(answer)  # the question is QUERY, key; then comes the answer
+            value = needle + 1 + key
+            assert (seq[value : value + len(answer)] == tgt[answer]).all()
+            for haystack in (seq[:needle], seq[value + len(answer) : query]):
+                assert in_stream(haystack, text)  # book text with the same ids as the language-modelling rows
+        else:  # language-modelling rows: windows of the stream, every token counts once
+            assert (weights == 1).all() and in_stream(np.append(seq, tgt[-1]), text)
+    again = mixed_batch("passkey,number,word", 8, length, np.random.default_rng(0), vocab, tokens)
+    other = mixed_batch("passkey,number,word", 8, length, np.random.default_rng(1), vocab, tokens)
+    assert all(np.array_equal(a, b) for a, b in zip((inputs, targets, mask), again))
+    assert not np.array_equal(inputs, other[0])
+    quarter = mixed_batch("word", 8, length, np.random.default_rng(0), vocab, tokens, needle_fraction=0.25)[2]
+    assert (quarter[:2] != 1).all() and (quarter[2:] == 1).all()
+    with pytest.raises(ValueError, match="too small"):
+        mixed_batch("passkey", 2, length, np.random.default_rng(0), TEXT_VOCAB, tokens)
+
+
+def test_parameters_are_matched_to_the_mac():
+    args = build_parser().parse_args([])  # the real defaults: building a model is lazy, so cheap
+    vocab = 8192 + FIRST_SYMBOL
+    target = count_parameters(model_config(args, "mac", vocab))
+    assert abs(count_parameters(model_config(args, "swa", vocab)) - target) > 0.2 * target  # unmatched, far off
+    for name in RUNS:
+        config = matched_config(args, name, vocab)
+        assert config.mlp_dim % 32 == 0
+        assert abs(count_parameters(config) - target) <= 0.02 * target, name
+    assert matched_config(args, "mac", vocab).mlp_dim == model_config(args, "mac", vocab).mlp_dim
+
+
+def test_end_to_end(tmp_path, capsys):
+    work, out = tmp_path / "work", tmp_path / "niah_reproduction.json"
+    write_stream(work / "tokens" / "train.npy", 20000, seed=0, vocab=8192)
+    write_stream(work / "tokens" / "valid.npy", 5000, seed=1, vocab=8192)
+    argv = ["--work", str(work), "--out", str(out), "--runs", "mac", "swa", "--jobs", "2", *TINY]
+    reproduce(argv)
+    results = json.loads(out.read_text())
+    assert [run["name"] for run in results["runs"]] == ["mac", "swa"]
+    assert all(run["tokens"] == 2 * 4 * 64 and np.isfinite(run["valid_ppl"]) for run in results["runs"])
+    mac, swa = (run["parameters"] for run in results["runs"])
+    assert abs(swa - mac) <= 0.02 * mac and results["runs"][1]["mlp_dim"] > results["runs"][0]["mlp_dim"]
+    rows = results["rows"]
+    assert len(rows) == 2 * 3 * 4 and {row["length"] for row in rows} == {64, 128, 256, 512}
+    assert all(0 <= row["accuracy"] <= 1 and row["samples"] == 2 for row in rows)
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "| mac | " in capsys.readouterr().out
+
+    with pytest.raises(SystemExit, match="other settings"):
+        reproduce([*argv, "--samples", "3"])
+
+    (work / "swa" / "result.json").unlink()  # a rerun trains only what is missing; here it fails
+    write_stream(work / "tokens" / "valid.npy", 100, seed=1, vocab=8192)  # too short to evaluate on
+    mac_log = (work / "mac" / "log.txt").stat().st_mtime_ns
+    with pytest.raises(SystemExit, match="swa failed"):
+        reproduce(argv)
+    assert (work / "mac" / "log.txt").stat().st_mtime_ns == mac_log
+    assert not (work / "swa" / "result.json").exists()
+    report = capsys.readouterr().out
+    assert "swa: FAILED" in report and "fewer than one batch" in report  # with the end of its log
