@@ -18,7 +18,6 @@ import argparse
 import gc
 import importlib
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,9 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model, quantize_model
 
 from benchmarks import cost_model
+from benchmarks.machine import device_name
 from convert.qwen import cast
+from mlx_titans.files import write_json_atomic
 from mlx_titans.qwen import TitansConfig, build_model, get_model_classes, read_qwen_config
 
 PRESETS = {  # the shapes of the Hugging Face configs
@@ -67,12 +68,6 @@ def random_model(config: dict, method: str, titans: dict, bits, group_size: int,
         model, _ = quantize_model(model, config, group_size, bits)
     mx.eval(model.parameters())
     return model
-
-
-def saved_model(path: Path, method: str, titans: dict):
-    if method == "titans":
-        return build_model(path, titans)[0]
-    return load_model(path)[0]
 
 
 def make_cache(model, method: str, max_kv_size: int):
@@ -132,11 +127,6 @@ def burn_in(model, method, vocab, args):
                   args.prefill_step_size)
 
 
-def device_name() -> str:
-    info = mx.device_info() if hasattr(mx, "device_info") else {}
-    return f"{info.get('device_name', mx.default_device())}, mlx {mx.__version__}, {platform.system()}"
-
-
 def analytic(config, titans, rows, methods, contexts, args) -> dict:
     """The cost model per method and context, its M3 Max projection, and a fit of the measured rows to it."""
     bits = args.q_bits if args.quantize else None
@@ -155,14 +145,14 @@ def analytic(config, titans, rows, methods, contexts, args) -> dict:
             }
     check = {}
     if len({(r["method"], r["context"]) for r in rows}) > 2:
-        check["decode"] = cost_model.fit_time_per_token([cost[r["method"], r["context"]]["decode_bytes"] for r in rows],
-                                                        [1 / r["decode_tps"] for r in rows])
-        check["prefill"] = cost_model.fit_time_per_token(
-            [cost[r["method"], r["context"]]["prefill_flops"] for r in rows], [1 / r["prefill_tps"] for r in rows])
-        for kind, unit in (("decode", "gb_s"), ("prefill", "tflop_s")):
-            check[kind][f"rate_{unit}"] = check[kind].pop("rate") / (1e9 if kind == "decode" else 1e12)
-            for r, tps in zip(rows, check[kind].pop("predicted_tps")):
+        for kind, work, unit, scale in (("decode", "decode_bytes", "gb_s", 1e9),
+                                        ("prefill", "prefill_flops", "tflop_s", 1e12)):
+            fit = cost_model.fit_time_per_token([cost[r["method"], r["context"]][work] for r in rows],
+                                                [1 / r[f"{kind}_tps"] for r in rows])
+            for r, tps in zip(rows, fit.pop("predicted_tps")):
                 r[f"model_{kind}_tps"] = tps
+            fit[f"rate_{unit}"] = fit.pop("rate") / scale
+            check[kind] = fit
     return {"reference": cost_model.M3_MAX, "cost": list(cost.values()), "fit": check}
 
 
@@ -229,16 +219,11 @@ def parse_args(argv=None):
 
 
 def load_model_for(method, args, config, titans, path):
-    if path is not None:
-        return saved_model(path, method, titans)
-    return random_model(config, method, titans, args.q_bits if args.quantize else None, args.q_group_size, args.dtype)
-
-
-def write(result: dict, out: Path) -> None:
-    """The JSON so far (rewritten after every row, so that a run cut short keeps what it measured)."""
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out)
+    """The method's model: random weights of the preset's shapes, or the converted directory's."""
+    if path is None:
+        bits = args.q_bits if args.quantize else None
+        return random_model(config, method, titans, bits, args.q_group_size, args.dtype)
+    return build_model(path, titans)[0] if method == "titans" else load_model(path)[0]
 
 
 def main(argv=None):
@@ -277,7 +262,7 @@ def main(argv=None):
     def report(row):
         row["device"] = device
         result["rows"].append(row)
-        write(result, out)
+        write_json_atomic(out, result)  # after every row: a run cut short keeps what it measured
         print(f"method={row['method']} context={row['context']} prompt_tps={row['prefill_tps']:.3f}, "
               f"generation_tps={row['decode_tps']:.3f}, peak_memory={row['peak_gb']:.3f}", flush=True)
 
@@ -298,7 +283,7 @@ def main(argv=None):
         gc.collect()
         mx.clear_cache()
     result["analytic"] = analytic(config, titans, result["rows"], args.methods, args.contexts, args)
-    write(result, out)
+    write_json_atomic(out, result)
     plot(result, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return result

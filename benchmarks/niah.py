@@ -8,8 +8,6 @@ windowed variants), and counts as answered when every answer token is the argmax
 """
 
 import argparse
-import json
-import platform
 import sys
 from pathlib import Path
 
@@ -17,6 +15,8 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from benchmarks.machine import device_name
+from mlx_titans.files import write_json_atomic
 from mlx_titans.model import load_model
 from mlx_titans.tasks import TASKS, answered, make_batch
 
@@ -94,8 +94,7 @@ def main(argv=None):
         tqdm.write(f"model={Path(path).name} task={task} length={length} accuracy={100 * acc:.1f}%")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    device = f"mlx {mx.__version__} on {mx.default_device()}; {platform.platform()}"
-    out.write_text(json.dumps({"device": device, "command": " ".join(sys.argv), "rows": rows}, indent=1) + "\n")
+    write_json_atomic(out, {"device": device_name(), "command": " ".join(sys.argv), "rows": rows})
     plot(rows, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -45,9 +44,11 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from benchmarks.machine import device_name
 from benchmarks.niah import accuracy, plot
 from mlx_titans import train
 from mlx_titans.data import random_windows, split_files, token_stream, valid_windows
+from mlx_titans.files import write_json_atomic
 from mlx_titans.model import TitansConfig, TitansLM, load_model
 from mlx_titans.tasks import FIRST_SYMBOL, make_batch
 from mlx_titans.tokenizer import load_tokenizer
@@ -176,12 +177,6 @@ def train_settings(args, config: TitansConfig, out: Path) -> dict:
     }
 
 
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def run_one(args, name: str) -> None:
     """Train one run, then measure its held-out perplexity and needle accuracy into WORK/NAME/result.json."""
     folder = Path(args.work) / name
@@ -189,7 +184,7 @@ def run_one(args, name: str) -> None:
     out = folder / "train"
     shutil.rmtree(out, ignore_errors=True)  # a run stopped half-way starts over
     config_file = folder / "train_config.json"
-    write_json(config_file, train_settings(args, config, out))
+    write_json_atomic(config_file, train_settings(args, config, out))
     summary = train.main(["--config", str(config_file)])
 
     tic = time.perf_counter()
@@ -206,7 +201,7 @@ def run_one(args, name: str) -> None:
             rows.append({"model": name, "variant": config.variant, "task": task, "length": length, "accuracy": acc,
                          "samples": args.samples})
             print(f"{name}: {task} at {length} tokens: {100 * acc:.1f}%", flush=True)
-    write_json(folder / "result.json", {
+    write_json_atomic(folder / "result.json", {
         "name": name, "variant": config.variant, "memory": config.memory if config.memory_layers else None,
         "mlp_dim": config.mlp_dim, "parameters": summary["parameters"], "tokens": summary["tokens"],
         "train_seconds": summary["train_seconds"], "tokens_per_s": summary["tokens_per_s"],
@@ -226,11 +221,6 @@ def run_child(name: str, argv: list, work: Path) -> int:
 def log_tail(path: Path, lines: int = 25) -> str:
     text = path.read_text(errors="replace").replace("\r", "\n")
     return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
-
-
-def device() -> str:
-    name = mx.device_info().get("device_name", "?")
-    return f"{name}, mlx {mx.__version__} on {mx.default_device()}; {platform.platform()}"
 
 
 def table(runs: list, tasks: list, lengths: list) -> str:
@@ -292,8 +282,8 @@ def run_all(args, argv: list, vocab: int) -> None:
     rows = [row for run in runs for row in run["rows"]]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, {
-        "device": device(),
+    write_json_atomic(out, {
+        "device": device_name(),
         "command": shlex.join(["python", "-m", "benchmarks.reproduce", *argv]),
         "settings": {**settings(args), "vocab_size": vocab, "train_tokens": len(load_tokens(str(files["train"]))),
                      "valid_tokens": len(load_tokens(str(files["valid"]))), "note": MIXTURE},

@@ -1,5 +1,6 @@
 """Writing files so that a failure or Ctrl-C never leaves a half-written one, and one-line CLI errors."""
 
+import json
 import os
 import sys
 import tempfile
@@ -20,6 +21,14 @@ def save_safetensors_atomic(path, arrays: dict, metadata: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path, obj) -> None:
+    """JSON into a temporary file beside `path`, renamed into place once complete."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def run_reporting_errors(action, errors=(OSError, ValueError, RuntimeError)) -> int:
