@@ -52,7 +52,7 @@ def memory_forward(weights: dict, x):
             h = nn.gelu(h)
         h = h @ w
     if "gamma" in weights:
-        h = _layer_norm(h)[0] * (1 + weights["gamma"][..., None, :]) + x
+        h = mx.fast.layer_norm(h, None, None, LN_EPS) * (1 + weights["gamma"][..., None, :]) + x
     return h
 
 

@@ -211,6 +211,28 @@ def _sequential_step(cfg, weights, momentum, keys, values, lr, eta, keep, querie
     return weights, momentum, mx.stack(out, axis=1) if out else queries
 
 
+def _split_heads(t, b: int, n: int, heads: int, per_head=(-1,)):
+    """(b, n, heads * e), or its rows (b * n, heads * e) -> (b * heads, n, *per_head). A single token needs no
+    transpose: on decode steps this is one reshape node where the general case takes three."""
+    if n == 1:
+        return t.reshape(b * heads, 1, *per_head)
+    return t.reshape(b, n, heads, -1).swapaxes(1, 2).reshape(b * heads, n, *per_head)
+
+
+def _merge_heads(t, b: int):
+    """(b * heads, n, e) -> rows (b * n, heads * e), the inverse of _split_heads."""
+    B, n, e = t.shape
+    if n == 1:
+        return t.reshape(b, B // b * e)
+    return t.reshape(b, B // b, n, e).swapaxes(1, 2).reshape(b * n, -1)
+
+
+def _affine(layer: nn.Linear, x):
+    """layer(x) as a matmul and a bias add. nn.Linear's addmm costs a few matmuls of this size on one token (a GEMM
+    with a bias epilogue where a plain product gets a matrix-vector kernel); the add fuses into what follows."""
+    return x @ layer.weight.T + layer.bias
+
+
 class NeuralMemory(nn.Module):
     """Neural long-term memory. `y, state = mem(x, state=None, store_mask=None)`, x: (batch, tokens, dim)."""
 
@@ -253,7 +275,7 @@ class NeuralMemory(nn.Module):
         self._hyper = hp
         self._parallel = mx.compile(partial(_parallel_step, cfg))
         self._sequential = mx.compile(partial(_sequential_step, cfg))
-        self._features_and_reads = mx.compile(self._features_and_reads_eager, inputs=self.state)
+        self._decode_step = mx.compile(self._decode_step_eager, inputs=self.state)
 
     @classmethod
     def from_pretrained(cls, path) -> "NeuralMemory":
@@ -327,62 +349,62 @@ class NeuralMemory(nn.Module):
             raise ValueError("NeuralMemory input contains NaN or Inf")
 
     # ------------------------------------------------------------------ features
-    def _features(self, x, conv_cache):
-        """Per-token queries, keys, values, learning rates and gate logits, heads split into the batch."""
+    def _features(self, x, conv_cache, store_mask):
+        """Per-token queries, keys, values, learning rates (0 where store_mask is False) and gate logits, heads
+        split into the batch. The projections take the tokens as rows (b * n, dim): a 2-D matmul is one graph
+        node, a batched one three."""
         cfg = self.config
-        b, n, _ = x.shape
-        h, d = cfg.heads, cfg.dim_head
-        xr = self.retrieve_norm(x) if cfg.pre_norm else x
-        xs = self.store_norm(x) if cfg.pre_norm else x
+        b, n, dim = x.shape
+        h = cfg.heads
+        rows = x.reshape(b * n, dim)
+        xr = self.retrieve_norm(rows) if cfg.pre_norm else rows
+        xs = self.store_norm(rows) if cfg.pre_norm else rows
         q, k, v = self.to_queries(xr), self.to_keys(xs), self.to_values(xs)
         new_conv = None
         if cfg.conv_size:
-            qkv = mx.concatenate([conv_cache, mx.concatenate([q, k, v], axis=-1)], axis=1)
+            qkv = mx.concatenate([conv_cache, mx.concatenate([q, k, v], axis=-1).reshape(b, n, -1)], axis=1)
             K = cfg.conv_size
             out = sum(qkv[:, i : i + n] * self.conv_weight[i] for i in range(K))
             new_conv = qkv[:, qkv.shape[1] - (K - 1):]
-            q, k, v = mx.split(out, 3, axis=-1)
+            q, k, v = mx.split(out.reshape(b * n, -1), 3, axis=-1)
         if cfg.qkv_silu:
             q, k, v = nn.silu(q), nn.silu(k), nn.silu(v)
-
-        def heads_first(t):
-            return t.reshape(b, n, h, -1).transpose(0, 2, 1, 3)
-
-        q, k = self._query_key_heads(q, "q_norm_gamma"), self._query_key_heads(k, "k_norm_gamma")
-        B = b * h
-        lr = mx.sigmoid(self.to_lr(xs)) * cfg.max_lr  # (b, n, h)
-        lr = lr.transpose(0, 2, 1).reshape(B, n)
-        o = cfg.momentum_order
-        eta = self.to_momentum(xs).reshape(b, n, h, o).transpose(0, 2, 1, 3).reshape(B, n, o) \
-            if cfg.momentum else mx.zeros((B, n, o), dtype=x.dtype)
-        if cfg.weight_decay and cfg.channelwise_decay:
-            alpha = heads_first(self.to_decay(xs)).reshape(B, n, d)
-        elif cfg.weight_decay:
-            alpha = self.to_decay(xs).transpose(0, 2, 1).reshape(B, n)
-        else:
-            alpha = mx.zeros((B, n, d) if cfg.channelwise_decay else (B, n), dtype=x.dtype)
-        feats = {"keys": k, "values": heads_first(v).reshape(B, n, d), "lr": lr, "eta": eta, "alpha": alpha}
+        lr = mx.sigmoid(_affine(self.to_lr, xs)) * cfg.max_lr
+        if store_mask is not None:
+            lr = mx.where(store_mask.reshape(b * n, 1), lr, 0)
+        zeros = partial(mx.zeros, dtype=x.dtype)
+        alpha_shape = (cfg.dim_head,) if cfg.channelwise_decay else ()
+        feats = {
+            "keys": self._query_key_heads(k, b, n, "k_norm_gamma"),
+            "values": _split_heads(v, b, n, h),
+            "lr": _split_heads(lr, b, n, h, ()),
+            "eta": _split_heads(_affine(self.to_momentum, xs), b, n, h) if cfg.momentum
+            else zeros((b * h, n, cfg.momentum_order)),
+            "alpha": _split_heads(_affine(self.to_decay, xs), b, n, h, alpha_shape) if cfg.weight_decay
+            else zeros((b * h, n, *alpha_shape)),
+        }
         gate = mx.sigmoid(self.retrieve_gate(xr)) if cfg.heads > 1 else None
-        return q, gate, feats, new_conv
+        return self._query_key_heads(q, b, n, "q_norm_gamma"), gate, feats, new_conv
 
-    def _features_and_reads_eager(self, x, weights, conv_cache):
-        """The features and every token's read of `weights`, for calls that complete no chunk (decode steps):
-        compiled as one graph (the module's parameters are its implicit inputs), it launches a few fused kernels
-        where the op-by-op path launches dozens."""
-        queries, gate, feats, new_conv = self._features(x, conv_cache)
+    def _decode_step_eager(self, x, weights, remainder, conv_cache, store_mask):
+        """A call that completes no chunk (decode steps): every token reads `weights` as they are and joins the
+        remainder. Compiled as one graph (the module's parameters are its implicit inputs), it launches a few
+        fused kernels where the op-by-op path launches dozens."""
         b, n, _ = x.shape
-        return self._output(memory_forward(weights, queries), gate, b, n), feats, new_conv
+        queries, gate, feats, new_conv = self._features(x.astype(self.to_keys.weight.dtype), conv_cache, store_mask)
+        y = self._output(memory_forward(weights, queries), gate, b, n).astype(x.dtype)
+        return y, {name: mx.concatenate([remainder[name], t], axis=1) for name, t in feats.items()}, new_conv
 
-    def _query_key_heads(self, t, gamma_name: str):
-        """(b, n, heads * d) queries or keys -> (b * heads, n, d), with the optional l2 / RMS normalisations."""
+    def _query_key_heads(self, t, b: int, n: int, gamma_name: str):
+        """Query or key rows (b * n, heads * d) -> (b * heads, n, d), with the optional l2 / RMS normalisations."""
         cfg = self.config
-        b, n, _ = t.shape
-        t = t.reshape(b, n, cfg.heads, -1).transpose(0, 2, 1, 3)
-        if cfg.qk_l2norm:
-            t = t * mx.rsqrt((t * t).sum(-1, keepdims=True) + 1e-12)
-        if cfg.qk_rmsnorm:
-            t = mx.fast.rms_norm(t, None, cfg.norm_eps) * (1 + self[gamma_name])
-        return t.reshape(b * cfg.heads, n, -1)
+        if cfg.qk_l2norm or cfg.qk_rmsnorm:
+            t = t.reshape(b * n, cfg.heads, -1)
+            if cfg.qk_l2norm:
+                t = t * mx.rsqrt((t * t).sum(-1, keepdims=True) + 1e-12)
+            if cfg.qk_rmsnorm:
+                t = mx.fast.rms_norm(t, None, cfg.norm_eps) * (1 + self[gamma_name][:, 0])
+        return _split_heads(t, b, n, cfg.heads)
 
     # ------------------------------------------------------------------ forward
     def __call__(self, x, state: Optional[dict] = None, store_mask=None):
@@ -392,19 +414,17 @@ class NeuralMemory(nn.Module):
         c, d, h = cfg.chunk_size, cfg.dim_head, cfg.heads
         if state is None:
             state = self.initial_state(b)
-        out_dtype = x.dtype
-        x = x.astype(self.to_keys.weight.dtype)
         rem = state["remainder"]
         r = rem["keys"].shape[1]
         weights = state["weights"]
         if r + n < c:  # no chunk completes: every token reads the weights as they are
-            y, feats, new_conv = self._features_and_reads(x, weights, state.get("conv"))
-        else:
-            queries, gate, feats, new_conv = self._features(x, state.get("conv"))
-        if store_mask is not None:
-            mask = mx.repeat(store_mask[:, None], h, axis=1).reshape(b * h, n)
-            feats["lr"] = mx.where(mask, feats["lr"], 0)
-
+            y, remainder, new_conv = self._decode_step(x, weights, rem, state.get("conv"), store_mask)
+            new_state = {**state, "remainder": remainder, "position": state["position"] + n}
+            if new_conv is not None:
+                new_state["conv"] = new_conv
+            return y, new_state
+        queries, gate, feats, new_conv = self._features(x.astype(self.to_keys.weight.dtype), state.get("conv"),
+                                                        store_mask)
         seq = {name: mx.concatenate([rem[name], feats[name]], axis=1) for name in feats}
         total = r + n
         n_chunks = total // c
@@ -414,41 +434,40 @@ class NeuralMemory(nn.Module):
         momentum = state.get("momentum", {})
         reference = state.get("reference")
 
-        if n_chunks:
-            # retrieval groups: token i reads the weights after (r + i + 1) // c of this call's chunks
-            first = min(n, c - r - 1)
-            pieces = [memory_forward(weights, queries[:, :first])] if first > 0 else []
-            B = b * h
-            chunked = {
-                "keys": seq["keys"][:, :stored].reshape(B, n_chunks, c, d),
-                "values": seq["values"][:, :stored].reshape(B, n_chunks, c, d),
-                "lr": seq["lr"][:, :stored].reshape(B, n_chunks, c),
-            }
-            eta = mx.sigmoid(seq["eta"][:, :stored].reshape(B, n_chunks, c, -1).mean(2)).transpose(2, 0, 1)
-            if cfg.channelwise_decay:
-                alpha_logit = seq["alpha"][:, :stored].reshape(B, n_chunks, c, d).mean(2)
+        # retrieval groups: token i reads the weights after (r + i + 1) // c of this call's chunks
+        first = min(n, c - r - 1)
+        pieces = [memory_forward(weights, queries[:, :first])] if first > 0 else []
+        B = b * h
+        chunked = {
+            "keys": seq["keys"][:, :stored].reshape(B, n_chunks, c, d),
+            "values": seq["values"][:, :stored].reshape(B, n_chunks, c, d),
+            "lr": seq["lr"][:, :stored].reshape(B, n_chunks, c),
+        }
+        eta = mx.sigmoid(seq["eta"][:, :stored].reshape(B, n_chunks, c, -1).mean(2)).transpose(2, 0, 1)
+        if cfg.channelwise_decay:
+            alpha_logit = seq["alpha"][:, :stored].reshape(B, n_chunks, c, d).mean(2)
+        else:
+            alpha_logit = seq["alpha"][:, :stored].reshape(B, n_chunks, c).mean(-1)
+        keep = 1 - mx.sigmoid(alpha_logit)
+        middle = queries[:, first : first + (n_chunks - 1) * c].reshape(B, n_chunks - 1, c, d)
+        for start, end in self._blocks(chunks_before, n_chunks):
+            absolute = chunks_before + start
+            args = (
+                chunked["keys"][:, start:end], chunked["values"][:, start:end], chunked["lr"][:, start:end],
+                eta[:, :, start:end], keep[:, start:end], middle[:, start : min(end, n_chunks - 1)],
+                self._hyper,
+            )
+            if cfg.refresh_chunks == 1:
+                weights, momentum, y = self._sequential(weights, momentum, *args)
             else:
-                alpha_logit = seq["alpha"][:, :stored].reshape(B, n_chunks, c).mean(-1)
-            keep = 1 - mx.sigmoid(alpha_logit)
-            middle = queries[:, first : first + (n_chunks - 1) * c].reshape(B, n_chunks - 1, c, d)
-            for start, end in self._blocks(chunks_before, n_chunks):
-                absolute = chunks_before + start
-                args = (
-                    chunked["keys"][:, start:end], chunked["values"][:, start:end], chunked["lr"][:, start:end],
-                    eta[:, :, start:end], keep[:, start:end], middle[:, start : min(end, n_chunks - 1)],
-                    self._hyper,
-                )
-                if cfg.refresh_chunks == 1:
-                    weights, momentum, y = self._sequential(weights, momentum, *args)
-                else:
-                    if cfg.refresh_chunks and absolute % cfg.refresh_chunks == 0:
-                        reference = weights
-                    weights, momentum, y = self._parallel(weights, momentum, reference, *args)
-                if y.shape[1]:
-                    pieces.append(y.reshape(B, -1, d))
-            pieces.append(memory_forward(weights, queries[:, first + (n_chunks - 1) * c :]))
-            y = mx.concatenate(pieces, axis=1) if len(pieces) > 1 else pieces[0]
-            y = self._output(y, gate, b, n)
+                if cfg.refresh_chunks and absolute % cfg.refresh_chunks == 0:
+                    reference = weights
+                weights, momentum, y = self._parallel(weights, momentum, reference, *args)
+            if y.shape[1]:
+                pieces.append(y.reshape(B, -1, d))
+        pieces.append(memory_forward(weights, queries[:, first + (n_chunks - 1) * c :]))
+        y = mx.concatenate(pieces, axis=1) if len(pieces) > 1 else pieces[0]
+        y = self._output(y, gate, b, n)
 
         new_state = {
             "weights": weights,
@@ -461,18 +480,18 @@ class NeuralMemory(nn.Module):
             new_state["reference"] = reference
         if new_conv is not None:
             new_state["conv"] = new_conv
-        return y.astype(out_dtype), new_state
+        return y.astype(x.dtype), new_state
 
     def retrieve(self, x, state: dict):
         """Read the memory as it stands in `state` for every token of x, storing nothing (MAC's h = M*(q)).
 
         Token-local: the short convolution is not applied, so a token's read never depends on its neighbours."""
         cfg = self.config
-        b, n, _ = x.shape
-        xr = x.astype(self.to_keys.weight.dtype)
-        xr = self.retrieve_norm(xr) if cfg.pre_norm else xr
+        b, n, dim = x.shape
+        rows = x.reshape(b * n, dim).astype(self.to_keys.weight.dtype)
+        xr = self.retrieve_norm(rows) if cfg.pre_norm else rows
         queries = self.to_queries(xr)
-        queries = self._query_key_heads(nn.silu(queries) if cfg.qkv_silu else queries, "q_norm_gamma")
+        queries = self._query_key_heads(nn.silu(queries) if cfg.qkv_silu else queries, b, n, "q_norm_gamma")
         gate = mx.sigmoid(self.retrieve_gate(xr)) if cfg.heads > 1 else None
         y = memory_forward(state["weights"], queries)
         return self._output(y, gate, b, n).astype(x.dtype)
@@ -491,11 +510,13 @@ class NeuralMemory(nn.Module):
             start = end
 
     def _output(self, y, gate, b, n):
+        """Per-head reads (b * heads, n, d) -> (b, n, dim): post-norm, retrieve gate (b, n, heads) or its rows,
+        heads merged and combined."""
         cfg = self.config
-        y = y.reshape(b, cfg.heads, n, cfg.dim_head)
         if cfg.post_rmsnorm:
-            y = mx.fast.rms_norm(y, None, cfg.norm_eps) * (1 + self.post_norm_gamma)
+            y = y.reshape(b, cfg.heads, n, cfg.dim_head)
+            y = (mx.fast.rms_norm(y, None, cfg.norm_eps) * (1 + self.post_norm_gamma)).reshape(b * cfg.heads, n, -1)
         if gate is not None:
-            y = y * gate.transpose(0, 2, 1)[..., None]
-        y = y.transpose(0, 2, 1, 3).reshape(b, n, cfg.inner_dim)
-        return self.combine_heads(y) if "combine_heads" in self else y
+            y = y * _split_heads(gate, b, n, cfg.heads)
+        y = _merge_heads(y, b)
+        return (self.combine_heads(y) if "combine_heads" in self else y).reshape(b, n, -1)

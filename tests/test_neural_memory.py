@@ -8,6 +8,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_titans import MemoryConfig, NeuralMemory, load_state, save_state
+from mlx_titans.neural_memory import _merge_heads, _split_heads
 from oracle import oracle_forward
 
 DIM = 16
@@ -98,6 +99,25 @@ def test_short_calls_and_retrieval_index(n):
     assert state["remainder"]["keys"].shape[1] == n % 4
     if n < 4:
         assert_states_close({"w": state["weights"]}, {"w": mem.initial_state(1)["weights"]})
+
+
+@pytest.mark.parametrize("b, n", [(1, 1), (2, 1), (2, 3)])
+def test_head_split_and_merge(b, n):
+    """The single-token shortcut (a reshape) lays heads out as the general transpose does, and merge inverts it."""
+    h, e = 3, 5
+    rows = mx.arange(b * n * h * e).reshape(b * n, h * e)
+    split = _split_heads(rows, b, n, h)
+    assert mx.array_equal(split, rows.reshape(b, n, h, e).transpose(0, 2, 1, 3).reshape(b * h, n, e))
+    assert mx.array_equal(_merge_heads(split, b), rows)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_retrieve_equals_the_reads_of_a_call_that_completes_no_chunk(n):
+    mem = make(heads=2)
+    x = mx.random.normal((2, 5 + n, DIM))
+    _, state = mem(x[:, :5])
+    y, _ = mem(x[:, 5:], state)
+    assert mx.allclose(y, mem.retrieve(x[:, 5:], state), atol=1e-6)
 
 
 @pytest.mark.parametrize("p", [0, 5, 6, 7, 13])
