@@ -72,6 +72,7 @@ NEEDLE_TASKS = ("passkey", "number", "word")
 MEMORY = {"chunk_size": 64, "heads": 2, "qkv_silu": True, "qk_l2norm": True, "conv_size": 4, "post_rmsnorm": True,
           "max_grad_norm": 1.0}
 PARAMETER_TOLERANCE = 0.02
+CACHE_LIMIT = 2 << 30  # bytes of freed buffers each run keeps when --jobs > 1 (3 runs at once fitted on an H100)
 NIAH_BLOCK = 2048  # tokens per forward call when reading a needle sample
 MIXTURE = ("trained on a mixture: per batch, a needle_fraction share of rows are S-NIAH samples in book text (loss on "
            "the answer tokens, weighted so that a needle row weighs as much as a full row), the rest plain "
@@ -183,6 +184,8 @@ def train_settings(args, config: TitansConfig, out: Path) -> dict:
 
 def run_one(args, name: str) -> None:
     """Train one run, then measure its held-out perplexity and needle accuracy into WORK/NAME/result.json."""
+    if args.jobs > 1:  # runs sharing a GPU: freed buffers kept in each one's MLX cache ran an 80 GB H100 out of memory
+        mx.set_cache_limit(CACHE_LIMIT)
     folder = Path(args.work) / name
     config = matched_config(args, name, vocab_size(args))
     out = folder / "train"
@@ -215,11 +218,20 @@ def run_one(args, name: str) -> None:
 
 
 def run_child(name: str, argv: list, work: Path) -> int:
+    """Run NAME in a process of its own. On MLX's CUDA backend each child gets a copy of MLX_PTX_CACHE_DIR of its own:
+    three children sharing one crashed once with illegal memory accesses (H100); three with copies of their own (and
+    the cache limit of run_one) ran."""
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if env.get("MLX_PTX_CACHE_DIR"):
+        own = f"{env['MLX_PTX_CACHE_DIR'].rstrip('/')}-{name}"
+        if Path(env["MLX_PTX_CACHE_DIR"]).is_dir():
+            shutil.copytree(env["MLX_PTX_CACHE_DIR"], own, dirs_exist_ok=True)
+        env["MLX_PTX_CACHE_DIR"] = own
     with open(folder / "log.txt", "w") as log:
         command = [sys.executable, "-m", "benchmarks.reproduce", *argv, "--only", name]
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
 
 
 def log_tail(path: Path, lines: int = 25) -> str:
@@ -316,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(REPO / "mlx_titans" / "default_model" / "tokenizer.json"), shown="the default model's")
     add("--runs", f"runs to train, of {', '.join(RUNS)}", nargs="+", choices=list(RUNS), default=list(RUNS),
         metavar="NAME", shown="all")
-    add("--jobs", "runs trained at once, each in a process of its own (on one CUDA GPU, 3 crashed: keep 1 there)",
+    add("--jobs", "runs trained at once, each in a process of its own (3 at once ran on one H100)",
         type=int, default=1)
     add("--prepare-only", "encode the books into WORK/tokens, check the settings and stop", action="store_true")
     p.add_argument("--only", choices=list(RUNS), help=argparse.SUPPRESS)  # a child: train and evaluate this run

@@ -1,10 +1,13 @@
 import json
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from benchmarks.reproduce import RUNS, build_parser, count_parameters, matched_config, mixed_batch, model_config
 from benchmarks.reproduce import main as reproduce
+from benchmarks.reproduce import run_child
 from mlx_titans.tasks import FIRST_SYMBOL, NEEDLE, QUERY
 
 TEXT_VOCAB = 200
@@ -96,3 +99,17 @@ def test_end_to_end(tmp_path, capsys):
     assert not (work / "swa" / "result.json").exists()
     report = capsys.readouterr().out
     assert "swa: FAILED" in report and "fewer than one batch" in report  # with the end of its log
+
+
+def test_each_run_gets_a_kernel_cache_of_its_own(tmp_path, monkeypatch):
+    shared = tmp_path / "ptx"
+    shared.mkdir()
+    (shared / "kernel.ptx").write_text("compiled")
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(shared))
+    seen = {}
+    monkeypatch.setattr(subprocess, "run", lambda command, env, **kw: seen.update(env=env, command=command) or
+                        subprocess.CompletedProcess(command, 0))
+    assert run_child("mac", ["--jobs", "3"], tmp_path / "work") == 0
+    own = seen["env"]["MLX_PTX_CACHE_DIR"]
+    assert own != str(shared) and (Path(own) / "kernel.ptx").read_text() == "compiled"  # a warm copy
+    assert seen["command"][-2:] == ["--only", "mac"]
