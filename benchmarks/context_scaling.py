@@ -189,17 +189,12 @@ def plot(result: dict, path: Path):
     plt.close(fig)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_args(p):
+    """The model flags this benchmark shares with benchmarks.decode_speed."""
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=PRESETS, default="qwen2.5-7b", help="random weights of this shape")
     src.add_argument("--model", help="a converted TitansQwen / mlx-lm Qwen directory instead of a preset")
-    p.add_argument("--methods", nargs="+", choices=cost_model.METHODS, default=list(cost_model.METHODS))
-    p.add_argument("--contexts", nargs="+", type=int, default=DEFAULT_CONTEXTS)
-    p.add_argument("--generation-tokens", "-g", type=int, default=128)
     p.add_argument("--prefill-step-size", type=int, default=2048)
-    p.add_argument("--warmup-context", type=int, default=16384,
-                   help="first run the stream through the contexts up to this, unmeasured, to compile the kernels")
     p.add_argument("--burn-in", type=float, default=30.0, help="seconds of load before the first measurement")
     p.add_argument("--max-kv-size", type=int, default=4096, help="the rotating cache's size (mlx-lm --max-kv-size)")
     p.add_argument("--window", type=int, help="TitansQwen attention window (default: the titans section's)")
@@ -208,6 +203,36 @@ def parse_args(argv=None):
     p.add_argument("--q-bits", type=int, default=4)
     p.add_argument("--q-group-size", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+
+
+def model_source(args):
+    """(path or None, Qwen config, resolved titans section, name) for --model or --preset; a converted model's
+    quantization replaces the --quantize flags. Exits with one line on a bad --model."""
+    path = Path(args.model) if args.model else None
+    if path is None:
+        config, section, name = preset_config(args.preset), {}, args.preset
+    else:
+        try:
+            config = read_qwen_config(path)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        section, name = dict(config.get("titans", {})), path.name
+        q = config.get("quantization")
+        args.quantize, args.q_bits, args.q_group_size = bool(q), (q or {}).get("bits"), (q or {}).get("group_size", 64)
+    if args.window:
+        section["window"] = args.window
+    titans = TitansConfig.from_section(section, config["num_hidden_layers"], config["hidden_size"]).to_section()
+    return path, config, titans, name
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--methods", nargs="+", choices=cost_model.METHODS, default=list(cost_model.METHODS))
+    p.add_argument("--contexts", nargs="+", type=int, default=DEFAULT_CONTEXTS)
+    p.add_argument("--generation-tokens", "-g", type=int, default=128)
+    p.add_argument("--warmup-context", type=int, default=16384,
+                   help="first run the stream through the contexts up to this, unmeasured, to compile the kernels")
     p.add_argument("--time-budget", type=float, default=float("inf"), help="seconds per method")
     p.add_argument("--out", default="context_scaling.json", help="JSON file; the PNG goes beside it")
     p.add_argument("--rows-from", nargs="+", help="measure nothing: analyse and plot the rows of these JSON files "
@@ -228,20 +253,7 @@ def load_model_for(method, args, config, titans, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    path = Path(args.model) if args.model else None
-    if path is not None:
-        try:
-            config = read_qwen_config(path)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
-        section, name = dict(config.get("titans", {})), path.name
-        q = config.get("quantization")
-        args.quantize, args.q_bits, args.q_group_size = bool(q), (q or {}).get("bits"), (q or {}).get("group_size", 64)
-    else:
-        config, section, name = preset_config(args.preset), {}, args.preset
-    if args.window:
-        section["window"] = args.window
-    titans = TitansConfig.from_section(section, config["num_hidden_layers"], config["hidden_size"]).to_section()
+    path, config, titans, name = model_source(args)
     device = device_name()
     result = {"device": device, "device_short": device.split(",")[0], "command": "python -m benchmarks.context_scaling "
               + " ".join(argv if argv is not None else sys.argv[1:]), "model": name,

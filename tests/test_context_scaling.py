@@ -6,7 +6,7 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-from benchmarks import context_scaling, cost_model
+from benchmarks import context_scaling, cost_model, decode_speed
 from mlx_titans.qwen import TitansConfig
 
 TINY_QWEN3 = {**context_scaling.preset_config("tiny"), "model_type": "qwen3", "head_dim": 32,
@@ -104,3 +104,21 @@ def test_benchmark_end_to_end(tmp_path):
 def test_bad_contexts_are_refused():
     with pytest.raises(SystemExit):
         context_scaling.parse_args(["--contexts", "4096", "1024"])
+
+
+def test_decode_speed_rounds_and_ratios(tmp_path):
+    out = tmp_path / "d.json"
+    result = decode_speed.main(["--preset", "tiny", "--context", "96", "-g", "4", "--rounds", "3", "--burn-in", "0",
+                                "--window", "64", "--methods", "titans", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert len(result["rounds"]) == 3 and all(set(r) == {"titans", "full"} for r in result["rounds"])
+    titans = result["summary"]["titans"]
+    ratios = [r["titans"] / r["full"] for r in result["rounds"]]
+    assert titans["ratio_to_full"] == ratios and titans["median_ratio"] == sorted(ratios)[1]
+    assert result["summary"]["full"]["median_ratio"] == 1.0
+    assert decode_speed.model_source(decode_speed.parse_args(["--preset", "tiny"]))[3] == "tiny"
+
+
+def test_decode_speed_refuses_a_missing_model(tmp_path):
+    with pytest.raises(SystemExit, match="no model directory"):
+        decode_speed.main(["--model", str(tmp_path / "nowhere")])
