@@ -48,17 +48,19 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     tasks = sorted({r["task"] for r in rows}, key=TASKS.index)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False, sharey=True)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    colours = plt.get_cmap("tab10" if len(models) <= 10 else "tab20").colors
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks) + 1.6, 3.4), squeeze=False, sharey=True)
     for ax, task in zip(axes[0], tasks):
-        for model in dict.fromkeys(r["model"] for r in rows):
+        for model, colour in zip(models, colours):
             pts = sorted((r["length"], 100 * r["accuracy"]) for r in rows if r["task"] == task and r["model"] == model)
-            ax.plot(*zip(*pts), marker="o", label=model)
+            ax.plot(*zip(*pts), marker="o", label=model, color=colour)
         ax.set_xscale("log", base=2)
         ax.set_title(task)
         ax.set_xlabel("context length (tokens)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (%)")
-    axes[0][-1].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

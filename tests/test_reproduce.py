@@ -113,3 +113,38 @@ def test_each_run_gets_a_kernel_cache_of_its_own(tmp_path, monkeypatch):
     own = seen["env"]["MLX_PTX_CACHE_DIR"]
     assert own != str(shared) and (Path(own) / "kernel.ptx").read_text() == "compiled"  # a warm copy
     assert seen["command"][-2:] == ["--only", "mac"]
+
+
+def mac_gradient_norm(memory: dict) -> float:
+    """Global gradient norm of a freshly initialised tiny MAC on pass-key samples: 8 segments, 16 chained chunk
+    updates per layer."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlx_titans.model import TitansConfig, TitansLM
+    from mlx_titans.tasks import make_batch
+
+    mx.random.seed(0)
+    model = TitansLM(TitansConfig(variant="mac", vocab_size=64, dim=64, layers=2, heads=2, window=32, memory=memory))
+    x, y, m = (mx.array(a) for a in make_batch("passkey", 4, 256, np.random.default_rng(0), 64))
+
+    def loss(params):
+        model.update(params)
+        return (nn.losses.cross_entropy(model(x), y) * m).sum() / m.sum()
+
+    grads = mx.grad(loss)(model.trainable_parameters())
+    return mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads))).item()
+
+
+def test_the_reproduction_memory_keeps_macs_gradient_sane():
+    """MAC with the reproduction's memory settings (RMS-normalised q/k, forget gate starting near 0, no conv) against
+    the settings of the run before them (unit-l2 q/k, gate near 0.5, conv 4), whose gradient through the chained chunk
+    updates exploded at initialisation (and that MAC never learnt to retrieve); chunk 16, so 256 tokens chain 16."""
+    from benchmarks.reproduce import MEMORY
+
+    ours = {**MEMORY, **RUNS["mac"]["memory"], "chunk_size": 16}
+    before = {"chunk_size": 16, "heads": 2, "qkv_silu": True, "qk_l2norm": True, "conv_size": 4, "post_rmsnorm": True,
+              "max_grad_norm": 1.0}
+    assert mac_gradient_norm(ours) < 30
+    assert mac_gradient_norm(before) > 100 * mac_gradient_norm(ours)
