@@ -83,6 +83,13 @@ class TitansLMRunner:
         self.segment = args.prefill_step_size or 2048
         self.eos = None
 
+    def detokenizer(self):
+        """mlx-lm's streaming detokenizer for any tokenizer (it re-decodes only the current line)."""
+        from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        return NaiveStreamingDetokenizer(PreTrainedTokenizerFast(tokenizer_object=self.tokenizer))
+
     def encode(self, text, args):
         return self.tokenizer.encode(text).ids
 
@@ -118,6 +125,10 @@ class QwenRunner:
         self.qwen = qwen
         self.segment = args.prefill_step_size or config["titans"]["segment_size"]
         self.eos = set(self.tokenizer.eos_token_ids)
+
+    def detokenizer(self):
+        """mlx-lm's streaming detokenizer for this tokenizer (BPE, SentencePiece or naive)."""
+        return self.tokenizer.detokenizer
 
     def encode(self, text, args):
         tok = self.tokenizer
@@ -194,7 +205,8 @@ def run(args) -> int:
     tic = time.perf_counter()
     prefill(runner.model, ids[:-1], cache, runner.segment, progress=args.verbose)
     sampler = make_sampler(args.temp, args.top_p)
-    out, printed, prompt_time = [], "", None
+    out, prompt_time = [], None
+    stream = runner.detokenizer() if args.verbose else None
     steps = generate_step(mx.array(ids[-1:]), runner.model, max_tokens=args.max_tokens, sampler=sampler,
                           prompt_cache=cache)
     if args.verbose:
@@ -207,9 +219,8 @@ def run(args) -> int:
             break
         out.append(token)
         if args.verbose:
-            decoded = runner.decode(out)
-            print(decoded[len(printed):], end="", flush=True)
-            printed = decoded
+            stream.add_token(token)
+            print(stream.last_segment, end="", flush=True)
     gen_time = time.perf_counter() - tic
     if prompt_time is None:  # nothing generated (--max-tokens 0): all the time went into the prompt
         prompt_time, gen_time = gen_time, 0.0
@@ -218,7 +229,8 @@ def run(args) -> int:
     if args.memory_state_out:
         runner.save_state(args.memory_state_out, cache)
     if args.verbose:
-        print()
+        stream.finalize()
+        print(stream.last_segment)
         print("=" * 10)
         print(f"Prompt: {len(ids)} tokens, {len(ids) / prompt_time:.3f} tokens-per-sec")
         print(f"Generation: {len(out)} tokens, {len(out) / max(gen_time, 1e-9):.3f} tokens-per-sec")

@@ -105,3 +105,13 @@ def test_titans_qwen_generation_and_state_round_trip(capsys, tmp_path):
     code, _, err = run(capsys, "--model", model, "-p", "again", "-m", "2",
                        "--memory-state-in", tmp_path / "s.safetensors")  # saved with window 8, loaded with 16
     assert code == 1 and "another model" in err
+
+
+def test_verbose_streams_the_text_it_would_print(checkpoint, capsys):
+    """--verbose prints the reply token by token through mlx-lm's streaming detokenizer; the text must be what the
+    quiet run prints in one piece (greedy, so both runs generate the same tokens)."""
+    argv = ("--model", checkpoint / "mac", "-p", "hello there", "-m", "40", "--temp", "0")
+    _, quiet, _ = run(capsys, *argv, "--verbose", "False")
+    _, loud, _ = run(capsys, *argv)
+    streamed = loud.split("=" * 10 + "\n", 1)[1].rsplit("\n" + "=" * 10 + "\n", 1)[0]
+    assert len(quiet) > 20 and streamed == quiet[:-1]
