@@ -20,7 +20,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from benchmarks.context_scaling import add_model_args, load_model_for, make_cache, model_source, random_tokens, run_piece
+from benchmarks.context_scaling import (add_model_args, load_model_for, make_cache, model_source, random_tokens,
+                                        run_piece)
 from benchmarks.machine import device_name
 from mlx_titans.files import write_json_atomic
 
@@ -40,8 +41,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.context < 1 or args.rounds < 1 or args.generation_tokens < 2:
         p.error("--context and --rounds must be >= 1 and --generation-tokens >= 2")
-    if "full" not in args.methods:
-        args.methods.append("full")
+    args.methods = list(dict.fromkeys([*args.methods, "full"]))
     return args
 
 

@@ -54,10 +54,11 @@ from mlx_titans.tasks import FIRST_SYMBOL, make_batch
 from mlx_titans.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-# MAC runs without the short convolution: its reads before a segment take queries from the block's input while its
-# memory stores the attention output, two streams that one causal conv state cannot serve. With the conv, MAC's
-# retrieval queries missed it and MAC learnt nothing in a small sweep (1% pass-key at 1x after 2000 steps, against
-# 80% without; H100, benchmarks/results/niah_memory_sweep_h100.json).
+# MAC runs without the short convolution. Its reads before a segment (NeuralMemory.retrieve) skip the conv, because
+# their queries come from the block's input while the conv's state follows the attention output the memory stores;
+# so with the conv, MAC's keys are convolved and its retrieval queries are not. In the small sweep
+# (benchmarks/results/niah_memory_sweep_h100.json, H100) MAC with the conv learnt nothing at learning rate 2e-3 (1%
+# pass-key at 1x after 2000 steps) and 50% at 1e-3; without it, 80% at 2e-3 and 66% at 4x the training length.
 MAC = {"variant": "mac", "memory": {"conv_size": 0}}
 RUNS = {
     "mac": MAC,
@@ -74,7 +75,7 @@ NEEDLE_TASKS = ("passkey", "number", "word")
 # The paper's memory details (§4.4): SiLU on q/k/v, normalised q and k, a depthwise conv of size 4, and normalisation
 # plus gating of the read; and an initialisation the paper does not give. q and k are RMS-normalised (l2 times
 # sqrt(dim_head)): at unit l2 norm the memory MLP's output is tiny, its residual LayerNorm magnifies it, and the
-# gradient through the chained chunk updates exploded (global norm 5.5e3 at initialisation against 18 for a tiny MAC).
+# gradient through the chained chunk updates exploded (global norm 5.5e3 at initialisation, 18 with RMS, tiny MAC).
 # The forget gate starts near 0 (bias -4, weight 0: a chunk keeps 98% of the memory), not near 0.5, which erases a
 # needle within a few chunks before a model can learn to keep it. In the sweep, MAC retrieved nothing without the
 # initialisation (0% at 1x with either normalisation); MAG, MAL and LMM, run only with it, reached 96% at 1x.
