@@ -54,11 +54,12 @@ from mlx_titans.tasks import FIRST_SYMBOL, make_batch
 from mlx_titans.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-# MAC runs without the short convolution. Its reads before a segment (NeuralMemory.retrieve) skip the conv, because
-# their queries come from the block's input while the conv's state follows the attention output the memory stores;
-# so with the conv, MAC's keys are convolved and its retrieval queries are not. In the small sweep
+# MAC runs without the short convolution, as measured: its reads before a segment (NeuralMemory.retrieve) used to skip
+# the conv, so its keys were convolved and its retrieval queries not. In the small sweep
 # (benchmarks/results/niah_memory_sweep_h100.json, H100) MAC with the conv learnt nothing at learning rate 2e-3 (1%
 # pass-key at 1x after 2000 steps) and 50% at 1e-3; without it, 80% at 2e-3 and 66% at 4x the training length.
+# The reads now convolve their own query stream (the block's input) as the paper has it; MAC trained that way is
+# not measured yet.
 MAC = {"variant": "mac", "memory": {"conv_size": 0}}
 RUNS = {
     "mac": MAC,

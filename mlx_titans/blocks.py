@@ -22,16 +22,18 @@ VARIANTS = ("mac", "mag", "mal", "lmm", "swa", "transformer")
 
 
 class LayerCache(AttentionCache):
-    """Attention cache plus the memory's state (MAC also keeps the state at the start of its segment)."""
+    """Attention cache plus the memory's state (MAC also keeps the state at the start of its segment and, with a
+    convolution, the last inputs of its reads' query stream)."""
 
     def __init__(self):
         super().__init__()
         self.memory = None
         self.memory_at_segment_start = None
+        self.retrieve_conv = None
 
     @property
     def state(self):
-        arrays = super().state
+        arrays = super().state + ([] if self.retrieve_conv is None else [self.retrieve_conv])
         for s in (self.memory, self.memory_at_segment_start):
             if s is not None:
                 arrays += [v for v in _leaves(s)]
@@ -111,7 +113,8 @@ class Block(nn.Module):
         else:
             if cache.memory_at_segment_start is None:
                 cache.memory = cache.memory_at_segment_start = self.memory.initial_state(x.shape[0])
-            read_before = self.memory.retrieve(self.memory_norm(x), cache.memory_at_segment_start)
+            read_before, cache.retrieve_conv = self.memory.retrieve(self.memory_norm(x), cache.memory_at_segment_start,
+                                                                    cache.retrieve_conv)
             y = self.attn(h, cache, offset, extra=read_before)
             read_after, cache.memory = self.memory(y, cache.memory)
             y = y * mx.sigmoid(read_after)

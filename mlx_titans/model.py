@@ -133,11 +133,14 @@ def _fingerprint(config: TitansConfig) -> str:
     return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
+CACHE_ARRAYS = ("keys", "values", "extra_keys", "extra_values", "retrieve_conv")
+
+
 def save_cache(path, model: TitansLM, cache: list) -> None:
     """Write the decoding state (windows, segments, memory states, positions) to safetensors, atomically."""
     arrays, ints = {}, {}
     for i, c in enumerate(cache):
-        for name in ("keys", "values", "extra_keys", "extra_values"):
+        for name in CACHE_ARRAYS:
             if getattr(c, name) is not None:
                 arrays[f"{i}.{name}"] = getattr(c, name)
         for name in ("memory", "memory_at_segment_start"):
@@ -161,7 +164,7 @@ def load_cache(path, model: TitansLM) -> list:
     cache = model.make_cache()
     for i, c in enumerate(cache):
         mine = {k[len(f"{i}.") :]: v for k, v in flat.items() if k.startswith(f"{i}.")}
-        for name in ("keys", "values", "extra_keys", "extra_values"):
+        for name in CACHE_ARRAYS:
             setattr(c, name, mine.get(name))
         for name in ("memory", "memory_at_segment_start"):
             items = [(k[len(name) + 1 :], v) for k, v in mine.items() if k.startswith(name + ".")]

@@ -227,6 +227,14 @@ def _merge_heads(t, b: int):
     return t.reshape(b, B // b, n, e).swapaxes(1, 2).reshape(b * n, -1)
 
 
+def _causal_conv(t, cache, weight):
+    """Depthwise causal convolution over tokens: t (b, n, c), cache (b, K - 1, c) the inputs just before t, weight
+    (K, c). Returns the output and the cache for the tokens after t."""
+    K, n = weight.shape[0], t.shape[1]
+    padded = mx.concatenate([cache, t], axis=1)
+    return sum(padded[:, i : i + n] * weight[i] for i in range(K)), padded[:, padded.shape[1] - (K - 1) :]
+
+
 def _affine(layer: nn.Linear, x):
     """layer(x) as a matmul and a bias add. nn.Linear's addmm costs a few matmuls of this size on one token (a GEMM
     with a bias epilogue where a plain product gets a matrix-vector kernel); the add fuses into what follows."""
@@ -362,10 +370,8 @@ class NeuralMemory(nn.Module):
         q, k, v = self.to_queries(xr), self.to_keys(xs), self.to_values(xs)
         new_conv = None
         if cfg.conv_size:
-            qkv = mx.concatenate([conv_cache, mx.concatenate([q, k, v], axis=-1).reshape(b, n, -1)], axis=1)
-            K = cfg.conv_size
-            out = sum(qkv[:, i : i + n] * self.conv_weight[i] for i in range(K))
-            new_conv = qkv[:, qkv.shape[1] - (K - 1):]
+            qkv = mx.concatenate([q, k, v], axis=-1).reshape(b, n, -1)
+            out, new_conv = _causal_conv(qkv, conv_cache, self.conv_weight)
             q, k, v = mx.split(out.reshape(b * n, -1), 3, axis=-1)
         if cfg.qkv_silu:
             q, k, v = nn.silu(q), nn.silu(k), nn.silu(v)
@@ -482,19 +488,26 @@ class NeuralMemory(nn.Module):
             new_state["conv"] = new_conv
         return y.astype(x.dtype), new_state
 
-    def retrieve(self, x, state: dict):
+    def retrieve(self, x, state: dict, conv_cache=None):
         """Read the memory as it stands in `state` for every token of x, storing nothing (MAC's h = M*(q)).
-
-        Token-local: the short convolution is not applied, so a token's read never depends on its neighbours."""
+        Returns (reads, conv cache). With a convolution the queries are convolved as a call's are, over the
+        stream of x: `conv_cache` holds that stream's last inputs (None at its start), which may differ from the
+        stream the memory stores (MAC reads with the block's input and stores the attention output)."""
         cfg = self.config
         b, n, dim = x.shape
         rows = x.reshape(b * n, dim).astype(self.to_keys.weight.dtype)
         xr = self.retrieve_norm(rows) if cfg.pre_norm else rows
-        queries = self.to_queries(xr)
+        queries, new_conv = self.to_queries(xr), None
+        if cfg.conv_size:
+            if conv_cache is None:
+                conv_cache = mx.zeros((b, cfg.conv_size - 1, cfg.inner_dim), dtype=queries.dtype)
+            queries, new_conv = _causal_conv(queries.reshape(b, n, -1), conv_cache,
+                                             self.conv_weight[:, : cfg.inner_dim])
+            queries = queries.reshape(b * n, -1)
         queries = self._query_key_heads(nn.silu(queries) if cfg.qkv_silu else queries, b, n, "q_norm_gamma")
         gate = mx.sigmoid(self.retrieve_gate(xr)) if cfg.heads > 1 else None
         y = memory_forward(state["weights"], queries)
-        return self._output(y, gate, b, n).astype(x.dtype)
+        return self._output(y, gate, b, n).astype(x.dtype), new_conv
 
     def _blocks(self, chunks_before: int, n_chunks: int):
         """Split this call's chunks into blocks that never straddle a mini-batch boundary."""

@@ -12,7 +12,7 @@ VOCAB = 97
 def make(variant, **kw):
     mx.random.seed(0)
     cfg = dict(variant=variant, vocab_size=VOCAB, dim=32, layers=2, heads=2, window=6, persistent_tokens=2,
-               memory=dict(chunk_size=4, heads=2, max_lr=0.5))
+               memory=dict(chunk_size=4, heads=2, max_lr=0.5, conv_size=3))
     cfg.update(kw)
     if variant in ("swa", "transformer"):
         cfg.pop("memory")

@@ -112,12 +112,33 @@ def test_head_split_and_merge(b, n):
 
 
 @pytest.mark.parametrize("n", [1, 2])
-def test_retrieve_equals_the_reads_of_a_call_that_completes_no_chunk(n):
-    mem = make(heads=2)
+@pytest.mark.parametrize("conv_size", [0, 4])
+def test_retrieve_equals_the_reads_of_a_call_that_completes_no_chunk(n, conv_size):
+    """Given the query part of the call's conv state, retrieve reads what the call reads."""
+    mem = make(heads=2, conv_size=conv_size, qkv_silu=True)
     x = mx.random.normal((2, 5 + n, DIM))
     _, state = mem(x[:, :5])
     y, _ = mem(x[:, 5:], state)
-    assert mx.allclose(y, mem.retrieve(x[:, 5:], state), atol=1e-6)
+    queries_conv = state["conv"][..., : mem.config.inner_dim] if conv_size else None
+    read, conv = mem.retrieve(x[:, 5:], state, queries_conv)
+    assert mx.allclose(y, read, atol=1e-6)
+    assert (conv is None) == (conv_size == 0)
+
+
+def test_retrieve_streams_its_convolution():
+    """Reads of a stream in pieces, each piece continuing the last one's conv cache, equal one read of it all; the
+    first piece starts from zeros."""
+    mem = make(heads=2, conv_size=4)
+    _, state = mem(mx.random.normal((2, 9, DIM)))
+    x = mx.random.normal((2, 11, DIM))
+    whole, _ = mem.retrieve(x, state)
+    pieces, conv = [], None
+    for a, b in ((0, 2), (2, 3), (3, 11)):
+        y, conv = mem.retrieve(x[:, a:b], state, conv)
+        pieces.append(y)
+    assert mx.allclose(mx.concatenate(pieces, axis=1), whole, atol=1e-6)
+    shifted, _ = mem.retrieve(x[:, 1:], state)
+    assert not mx.allclose(shifted[:, :3], whole[:, 1:4], atol=1e-4)  # the conv sees the token before
 
 
 @pytest.mark.parametrize("p", [0, 5, 6, 7, 13])
