@@ -22,8 +22,9 @@ of the MAC's. Equal tokens: every run trains on --steps x --batch-size x --seq-l
 
 Files: WORK/tokens/{train,valid}.npy (the encoded books: made once and kept, so they can be made on one machine and
 carried to another), and per run WORK/NAME/log.txt, train/ (mlx_titans.train's output) and result.json. Each run
-trains and is evaluated in a process of its own, --jobs at a time; a run with a result.json is not run again, so a
-rerun resumes. The needle tests hide their needles in the valid split, text the models never trained on.
+trains and is evaluated in a process of its own, --jobs at a time; a run with a result.json is not run again, and a
+run stopped half-way resumes from its last checkpoint (every CHECKPOINT_EVERY steps). The needle tests hide their
+needles in the valid split, text the models never trained on.
 """
 
 import argparse
@@ -83,6 +84,7 @@ NEEDLE_TASKS = ("passkey", "number", "word")
 MEMORY = {"chunk_size": 64, "heads": 2, "qkv_silu": True, "qk_rmsnorm": True, "conv_size": 4, "post_rmsnorm": True,
           "max_grad_norm": 1.0, "init_decay_bias": -4.0}
 PARAMETER_TOLERANCE = 0.02
+CHECKPOINT_EVERY = 250  # steps between checkpoints, what a stopped run loses at most
 CACHE_LIMIT = 2 << 30  # bytes of freed buffers each run keeps when --jobs > 1 (3 runs at once fitted on an H100)
 NIAH_BLOCK = 2048  # tokens per forward call when reading a needle sample
 MIXTURE = ("trained on a mixture: per batch, a needle_fraction share of rows are S-NIAH samples in book text (loss on "
@@ -178,7 +180,8 @@ def settings(args) -> dict:
 
 
 def train_settings(args, config: TitansConfig, out: Path) -> dict:
-    """mlx_titans.train's settings for one run: the mixture as a synthetic task, one checkpoint at the end."""
+    """mlx_titans.train's settings for one run: the mixture as a synthetic task, a checkpoint every CHECKPOINT_EVERY
+    steps (the last two kept) so that a run stopped half-way resumes."""
     return {
         **{key: getattr(config, key) for key in train.MODEL_KEYS},
         "vocab_size": config.vocab_size,
@@ -189,7 +192,7 @@ def train_settings(args, config: TitansConfig, out: Path) -> dict:
         "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
         "warmup": args.warmup, "dtype": args.dtype, "seed": args.seed,
         "out": str(out), "log_every": min(25, args.steps), "eval_every": args.steps, "eval_batches": 1,
-        "checkpoint_every": args.steps, "keep_checkpoints": 1,
+        "checkpoint_every": min(CHECKPOINT_EVERY, args.steps), "keep_checkpoints": 2,
     }
 
 
@@ -200,10 +203,16 @@ def run_one(args, name: str) -> None:
     folder = Path(args.work) / name
     config = matched_config(args, name, vocab_size(args))
     out = folder / "train"
-    shutil.rmtree(out, ignore_errors=True)  # a run stopped half-way starts over
-    config_file = folder / "train_config.json"
-    write_json_atomic(config_file, train_settings(args, config, out))
-    summary = train.main(["--config", str(config_file)])
+    folder.mkdir(parents=True, exist_ok=True)
+    config_file, wanted = folder / "train_config.json", train_settings(args, config, out)
+    same = config_file.is_file() and json.loads(config_file.read_text()) == wanted
+    resume = train.find_checkpoint(out) if same and train.checkpoints(out) else None
+    if resume is None:  # nothing to resume, or a run of other settings: start over
+        shutil.rmtree(out, ignore_errors=True)
+        write_json_atomic(config_file, wanted)
+    else:
+        print(f"{name}: resuming from {resume}", flush=True)
+    summary = train.main(["--config", str(config_file), *(["--resume", str(resume)] if resume else [])])
 
     tic = time.perf_counter()
     model = load_model(summary["checkpoint"])
@@ -223,6 +232,7 @@ def run_one(args, name: str) -> None:
         "name": name, "variant": config.variant, "memory": config.memory if config.memory_layers else None,
         "mlp_dim": config.mlp_dim, "parameters": summary["parameters"], "tokens": summary["tokens"],
         "train_seconds": summary["train_seconds"], "tokens_per_s": summary["tokens_per_s"],
+        "resumed_from": None if resume is None else resume.name,  # train_seconds then counts the resumed part only
         "train_loss": summary["train_loss"], "valid_loss": valid_loss, "valid_ppl": math.exp(valid_loss),
         "eval_seconds": time.perf_counter() - tic, "settings": settings(args), "rows": rows,
     })

@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -148,3 +149,34 @@ def test_the_reproduction_memory_keeps_macs_gradient_sane():
               "max_grad_norm": 1.0}
     assert mac_gradient_norm(ours) < 30
     assert mac_gradient_norm(before) > 100 * mac_gradient_norm(ours)
+
+
+def test_a_run_stopped_half_way_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
+    """run_one checkpoints every CHECKPOINT_EVERY steps; after a stop (here: the last checkpoint and the result
+    removed) it resumes from the newest checkpoint and ends with the weights of the run that never stopped. A
+    change of settings starts over."""
+    import mlx.core as mx
+
+    from benchmarks import reproduce as rep
+
+    monkeypatch.setattr(rep, "CHECKPOINT_EVERY", 2)
+    work = tmp_path / "work"
+    write_stream(work / "tokens" / "train.npy", 20000, seed=0, vocab=8192)
+    write_stream(work / "tokens" / "valid.npy", 5000, seed=1, vocab=8192)
+    argv = ["--work", str(work), "--only", "swa", *TINY, "--steps", "4", "--lengths", "64"]
+    reproduce(argv)
+    train_dir = work / "swa" / "train"
+    assert [p.name for p in sorted(train_dir.glob("step-*"))] == ["step-00000002", "step-00000004"]
+    straight = mx.load(str(train_dir / "step-00000004" / "model.safetensors"))
+    shutil.rmtree(train_dir / "step-00000004")
+    (work / "swa" / "result.json").unlink()
+
+    reproduce(argv)
+    assert "resuming from" in capsys.readouterr().out
+    result = json.loads((work / "swa" / "result.json").read_text())
+    assert result["resumed_from"] == "step-00000002" and result["tokens"] == 4 * 4 * 64
+    resumed = mx.load(str(train_dir / "step-00000004" / "model.safetensors"))
+    assert all(mx.array_equal(straight[k], resumed[k]) for k in straight)
+
+    reproduce([*argv, "--lr", "3e-3"])  # other settings: trained from the start
+    assert json.loads((work / "swa" / "result.json").read_text())["resumed_from"] is None
