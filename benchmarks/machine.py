@@ -1,6 +1,10 @@
-"""The machine a benchmark ran on, as its results record it."""
+"""The machine a benchmark runs on: its name as results record it, and processes that share its GPU."""
 
+import os
 import platform
+import shutil
+import subprocess
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -9,3 +13,28 @@ def device_name() -> str:
     """e.g. 'NVIDIA H100 80GB HBM3, mlx 0.32.4 on Device(gpu, 0); Linux-...'"""
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     return f"{info.get('device_name', '?')}, mlx {mx.__version__} on {mx.default_device()}; {platform.platform()}"
+
+
+def run_logged(commands: list, folder: Path, name: str) -> int:
+    """Run the commands one after the other in processes of their own, output to FOLDER/log.txt, stopping at the
+    first failure; returns its exit code (0 if none failed). On MLX's CUDA backend the processes get a copy of
+    MLX_PTX_CACHE_DIR named after NAME: three processes sharing one kernel cache crashed once with illegal memory
+    accesses (H100); three with copies of their own ran."""
+    folder.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if env.get("MLX_PTX_CACHE_DIR"):
+        own = f"{env['MLX_PTX_CACHE_DIR'].rstrip('/')}-{name}"
+        if Path(env["MLX_PTX_CACHE_DIR"]).is_dir():
+            shutil.copytree(env["MLX_PTX_CACHE_DIR"], own, dirs_exist_ok=True)
+        env["MLX_PTX_CACHE_DIR"] = own
+    with open(folder / "log.txt", "w") as log:
+        for command in commands:
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+            if code:
+                return code
+    return 0
+
+
+def log_tail(path: Path, lines: int = 25) -> str:
+    text = path.read_text(errors="replace").replace("\r", "\n")
+    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])

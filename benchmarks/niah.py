@@ -19,6 +19,13 @@ from benchmarks.machine import device_name
 from mlx_titans.files import write_json_atomic
 from mlx_titans.model import load_model
 from mlx_titans.tasks import TASKS, answered, make_batch
+from mlx_titans.train import find_checkpoint
+
+
+def checkpoint_of(path) -> Path:
+    """A TitansLM checkpoint folder as it is, or a training run's newest checkpoint."""
+    path = Path(path)
+    return path if (path / "config.json").is_file() else find_checkpoint(path)
 
 
 def logits_in_blocks(model, inputs, block: int):
@@ -67,7 +74,8 @@ def plot(rows, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", required=True, help="TitansLM checkpoint folders")
+    p.add_argument("--models", nargs="+", required=True,
+                   help="TitansLM checkpoint folders, or training runs (their newest checkpoint)")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=["passkey", "number", "word"])
     p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192, 16384])
     p.add_argument("--samples", type=int, default=100)
@@ -89,7 +97,7 @@ def main(argv=None):
     models = {}
     for path, task, length in tqdm(work, desc="niah"):
         if path not in models:
-            models[path] = load_model(path)
+            models[path] = load_model(checkpoint_of(path))
         acc = accuracy(models[path], task, length, args.samples, args.batch, args.seed, args.block, haystack)
         rows.append({"model": Path(path).name, "variant": models[path].config.variant, "task": task,
                      "length": length, "accuracy": acc, "samples": args.samples})

@@ -33,7 +33,6 @@ import math
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -45,7 +44,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.machine import device_name
+from benchmarks.machine import device_name, log_tail, run_logged
 from benchmarks.niah import accuracy, plot
 from mlx_titans import train
 from mlx_titans.data import random_windows, split_files, token_stream, valid_windows
@@ -239,25 +238,8 @@ def run_one(args, name: str) -> None:
 
 
 def run_child(name: str, argv: list, work: Path) -> int:
-    """Run NAME in a process of its own. On MLX's CUDA backend each child gets a copy of MLX_PTX_CACHE_DIR of its own:
-    three children sharing one crashed once with illegal memory accesses (H100); three with copies of their own (and
-    the cache limit of run_one) ran."""
-    folder = work / name
-    folder.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    if env.get("MLX_PTX_CACHE_DIR"):
-        own = f"{env['MLX_PTX_CACHE_DIR'].rstrip('/')}-{name}"
-        if Path(env["MLX_PTX_CACHE_DIR"]).is_dir():
-            shutil.copytree(env["MLX_PTX_CACHE_DIR"], own, dirs_exist_ok=True)
-        env["MLX_PTX_CACHE_DIR"] = own
-    with open(folder / "log.txt", "w") as log:
-        command = [sys.executable, "-m", "benchmarks.reproduce", *argv, "--only", name]
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-
-
-def log_tail(path: Path, lines: int = 25) -> str:
-    text = path.read_text(errors="replace").replace("\r", "\n")
-    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+    """Train and evaluate NAME in a process of its own (with a kernel cache of its own: see machine.run_logged)."""
+    return run_logged([[sys.executable, "-m", "benchmarks.reproduce", *argv, "--only", name]], work / name, name)
 
 
 def table(runs: list, tasks: list, lengths: list) -> str:
