@@ -76,7 +76,7 @@ NEEDLE_TASKS = ("passkey", "number", "word")
 # The paper's memory details (§4.4): SiLU on q/k/v, normalised q and k, a depthwise conv of size 4, and normalisation
 # plus gating of the read; and an initialisation the paper does not give. q and k are RMS-normalised (l2 times
 # sqrt(dim_head)): at unit l2 norm the memory MLP's output is tiny, its residual LayerNorm magnifies it, and the
-# gradient through the chained chunk updates exploded (global norm 5.5e3 at initialisation, 18 with RMS, tiny MAC).
+# gradient through the chained chunk updates exploded (tests/test_reproduce.py measures and pins it).
 # The forget gate starts near 0 (bias -4, weight 0: a chunk keeps 98% of the memory), not near 0.5, which erases a
 # needle within a few chunks before a model can learn to keep it. In the sweep, MAC retrieved nothing without the
 # initialisation (0% at 1x with either normalisation); MAG, MAL and LMM, run only with it, reached 96% at 1x.
@@ -205,7 +205,8 @@ def run_one(args, name: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     config_file, wanted = folder / "train_config.json", train_settings(args, config, out)
     same = config_file.is_file() and json.loads(config_file.read_text()) == wanted
-    resume = train.find_checkpoint(out) if same and train.checkpoints(out) else None
+    found = train.checkpoints(out) if same else []
+    resume = found[-1] if found else None
     if resume is None:  # nothing to resume, or a run of other settings: start over
         shutil.rmtree(out, ignore_errors=True)
         write_json_atomic(config_file, wanted)
