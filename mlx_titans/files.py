@@ -54,6 +54,10 @@ def load_safetensors_checked(path, file_format: str, what: str):
         arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
     except Exception as e:
         raise ValueError(f"{path} is not a readable safetensors file ({str(e).strip().splitlines()[0]})") from None
-    if metadata.get("format") != file_format:
+    found = metadata.get("format", "")
+    if found.split("/")[0] == file_format.split("/")[0] and found != file_format:
+        raise ValueError(f"{path} is a {what} file of another mlx-titans version (format {found}; this one reads "
+                         f"{file_format})")
+    if found != file_format:
         raise ValueError(f"{path} is not a {what} file")
     return arrays, metadata

@@ -151,13 +151,13 @@ def save_cache(path, model: TitansLM, cache: list) -> None:
                     else:
                         ints[f"{i}.{name}.{key}"] = value
         ints[f"{i}.start"], ints[f"{i}.offset"] = c.start, getattr(c, "offset", 0)
-    metadata = {"format": "mlx-titans-lm-cache/1", "fingerprint": _fingerprint(model.config), "ints": json.dumps(ints)}
+    metadata = {"format": "mlx-titans-lm-cache/2", "fingerprint": _fingerprint(model.config), "ints": json.dumps(ints)}
     save_safetensors_atomic(path, arrays, metadata)
 
 
 def load_cache(path, model: TitansLM) -> list:
     """Read a cache written by `save_cache`, refusing one from a model of another config."""
-    arrays, metadata = load_safetensors_checked(path, "mlx-titans-lm-cache/1", "TitansLM memory state")
+    arrays, metadata = load_safetensors_checked(path, "mlx-titans-lm-cache/2", "TitansLM memory state")
     if metadata.get("fingerprint") != _fingerprint(model.config):
         raise ValueError(f"memory state {path} was written by a model with another config")
     flat = {**arrays, **json.loads(metadata["ints"])}

@@ -227,18 +227,20 @@ def _merge_heads(t, b: int):
     return t.reshape(b, B // b, n, e).swapaxes(1, 2).reshape(b * n, -1)
 
 
+def _append(remainder, x, store_mask):
+    """The remainder (inputs (b, r, dim) and store flags (b, r) of the tokens not stored yet) with x's tokens."""
+    dt, (b, n, _) = remainder["inputs"].dtype, x.shape
+    store = mx.ones((b, n), dt) if store_mask is None else store_mask.astype(dt)
+    return {"inputs": mx.concatenate([remainder["inputs"], x.astype(dt)], axis=1),
+            "store": mx.concatenate([remainder["store"], store], axis=1)}
+
+
 def _causal_conv(t, cache, weight):
     """Depthwise causal convolution over tokens: t (b, n, c), cache (b, K - 1, c) the inputs just before t, weight
     (K, c). Returns the output and the cache for the tokens after t."""
     K, n = weight.shape[0], t.shape[1]
     padded = mx.concatenate([cache, t], axis=1)
     return sum(padded[:, i : i + n] * weight[i] for i in range(K)), padded[:, padded.shape[1] - (K - 1) :]
-
-
-def _affine(layer: nn.Linear, x):
-    """layer(x) as a matmul and a bias add. nn.Linear's addmm costs a few matmuls of this size on one token (a GEMM
-    with a bias epilogue where a plain product gets a matrix-vector kernel); the add fuses into what follows."""
-    return x @ layer.weight.T + layer.bias
 
 
 class NeuralMemory(nn.Module):
@@ -284,6 +286,8 @@ class NeuralMemory(nn.Module):
         self._parallel = mx.compile(partial(_parallel_step, cfg))
         self._sequential = mx.compile(partial(_sequential_step, cfg))
         self._decode_step = mx.compile(self._decode_step_eager, inputs=self.state)
+        self._prepare = mx.compile(self._prepare_eager, inputs=self.state)
+        self._finish = mx.compile(self._finish_eager, inputs=self.state)
 
     @classmethod
     def from_pretrained(cls, path) -> "NeuralMemory":
@@ -297,7 +301,7 @@ class NeuralMemory(nn.Module):
     # ------------------------------------------------------------------ state
     def initial_state(self, batch: int) -> dict:
         cfg = self.config
-        B, d = batch * cfg.heads, cfg.dim_head
+        B = batch * cfg.heads
         dt = self.to_keys.weight.dtype
         zeros = partial(mx.zeros, dtype=dt)
         weights = {}
@@ -305,21 +309,15 @@ class NeuralMemory(nn.Module):
             shape = w.shape[1:] if cfg.per_head_init else w.shape
             w = w if cfg.per_head_init else mx.broadcast_to(w, (cfg.heads, *shape))
             weights[name] = mx.broadcast_to(w[None], (batch, cfg.heads, *shape)).reshape(B, *shape)
-        state = {
-            "weights": weights,
-            "remainder": {
-                "keys": zeros((B, 0, d)), "values": zeros((B, 0, d)), "lr": zeros((B, 0)),
-                "eta": zeros((B, 0, cfg.momentum_order)),
-                "alpha": zeros((B, 0, d) if cfg.channelwise_decay else (B, 0)),
-            },
-            "position": 0,
-        }
+        state = {"weights": weights, "remainder": {"inputs": zeros((batch, 0, cfg.dim)), "store": zeros((batch, 0))},
+                 "position": 0}
         if cfg.momentum:
             state["momentum"] = {n: zeros((cfg.momentum_order, *w.shape)) for n, w in weights.items()}
         if cfg.refresh_chunks != 1:
             state["reference"] = dict(weights)
         if cfg.conv_size:
-            state["conv"] = zeros((batch, cfg.conv_size - 1, 3 * cfg.inner_dim))
+            state["conv"] = {"read": zeros((batch, cfg.conv_size - 1, cfg.inner_dim)),
+                             "store": zeros((batch, cfg.conv_size - 1, 2 * cfg.inner_dim))}
         return state
 
     def _check_input(self, x, state, store_mask):
@@ -357,49 +355,93 @@ class NeuralMemory(nn.Module):
             raise ValueError("NeuralMemory input contains NaN or Inf")
 
     # ------------------------------------------------------------------ features
-    def _features(self, x, conv_cache, store_mask):
-        """Per-token queries, keys, values, learning rates (0 where store_mask is False) and gate logits, heads
-        split into the batch. The projections take the tokens as rows (b * n, dim): a 2-D matmul is one graph
-        node, a batched one three."""
+    def _read_features(self, x, conv_cache):
+        """Queries (b * heads, n, d) and retrieve gates of x (b, n, dim), in the weights' dtype. With a convolution,
+        the queries convolve over the stream whose last inputs `conv_cache` holds. Returns (queries, gate, the cache
+        after x). Rows (b * n, dim) go through the projections: a 2-D matmul is one graph node, a batched one three."""
         cfg = self.config
         b, n, dim = x.shape
-        h = cfg.heads
         rows = x.reshape(b * n, dim)
         xr = self.retrieve_norm(rows) if cfg.pre_norm else rows
-        xs = self.store_norm(rows) if cfg.pre_norm else rows
-        q, k, v = self.to_queries(xr), self.to_keys(xs), self.to_values(xs)
-        new_conv = None
+        queries, new_conv = self.to_queries(xr), None
         if cfg.conv_size:
-            qkv = mx.concatenate([q, k, v], axis=-1).reshape(b, n, -1)
-            out, new_conv = _causal_conv(qkv, conv_cache, self.conv_weight)
-            q, k, v = mx.split(out.reshape(b * n, -1), 3, axis=-1)
+            queries, new_conv = _causal_conv(queries.reshape(b, n, -1), conv_cache, self.conv_weight[:, : cfg.inner_dim])
+            queries = queries.reshape(b * n, -1)
         if cfg.qkv_silu:
-            q, k, v = nn.silu(q), nn.silu(k), nn.silu(v)
-        lr = mx.sigmoid(_affine(self.to_lr, xs)) * cfg.max_lr
-        if store_mask is not None:
-            lr = mx.where(store_mask.reshape(b * n, 1), lr, 0)
-        zeros = partial(mx.zeros, dtype=x.dtype)
+            queries = nn.silu(queries)
+        gate = mx.sigmoid(self.retrieve_gate(xr)) if cfg.heads > 1 else None
+        return self._query_key_heads(queries, b, n, "q_norm_gamma"), gate, new_conv
+
+    def _store_features(self, x, store, conv_cache):
+        """Keys, values, learning rates (0 where `store` is 0) and gate logits of the tokens x (b, m, dim) that
+        complete chunks, heads split into the batch; with a convolution, over the stream whose last inputs
+        `conv_cache` holds. Returns (features, the cache after x)."""
+        cfg = self.config
+        b, n, dim = x.shape
+        h, zeros = cfg.heads, partial(mx.zeros, dtype=x.dtype)
+        rows = x.reshape(b * n, dim)
+        xs = self.store_norm(rows) if cfg.pre_norm else rows
+        keys, values, new_conv = self.to_keys(xs), self.to_values(xs), None
+        if cfg.conv_size:
+            kv, new_conv = _causal_conv(mx.concatenate([keys, values], axis=-1).reshape(b, n, -1), conv_cache,
+                                        self.conv_weight[:, cfg.inner_dim :])
+            keys, values = mx.split(kv.reshape(b * n, -1), 2, axis=-1)
+        if cfg.qkv_silu:
+            keys, values = nn.silu(keys), nn.silu(values)
+        lr = mx.sigmoid(self.to_lr(xs)) * cfg.max_lr * store.reshape(b * n, 1)
         alpha_shape = (cfg.dim_head,) if cfg.channelwise_decay else ()
         feats = {
-            "keys": self._query_key_heads(k, b, n, "k_norm_gamma"),
-            "values": _split_heads(v, b, n, h),
+            "keys": self._query_key_heads(keys, b, n, "k_norm_gamma"),
+            "values": _split_heads(values, b, n, h),
             "lr": _split_heads(lr, b, n, h, ()),
-            "eta": _split_heads(_affine(self.to_momentum, xs), b, n, h) if cfg.momentum
+            "eta": _split_heads(self.to_momentum(xs), b, n, h) if cfg.momentum
             else zeros((b * h, n, cfg.momentum_order)),
-            "alpha": _split_heads(_affine(self.to_decay, xs), b, n, h, alpha_shape) if cfg.weight_decay
+            "alpha": _split_heads(self.to_decay(xs), b, n, h, alpha_shape) if cfg.weight_decay
             else zeros((b * h, n, *alpha_shape)),
         }
-        gate = mx.sigmoid(self.retrieve_gate(xr)) if cfg.heads > 1 else None
-        return self._query_key_heads(q, b, n, "q_norm_gamma"), gate, feats, new_conv
+        return feats, new_conv
 
     def _decode_step_eager(self, x, weights, remainder, conv_cache, store_mask):
         """A call that completes no chunk (decode steps): every token reads `weights` as they are and joins the
-        remainder. Compiled as one graph (the module's parameters are its implicit inputs), it launches a few
-        fused kernels where the op-by-op path launches dozens."""
-        b, n, _ = x.shape
-        queries, gate, feats, new_conv = self._features(x.astype(self.to_keys.weight.dtype), conv_cache, store_mask)
-        y = self._output(memory_forward(weights, queries), gate, b, n).astype(x.dtype)
-        return y, {name: mx.concatenate([remainder[name], t], axis=1) for name, t in feats.items()}, new_conv
+        remainder as it came; what it stores is computed when its chunk completes, for the whole chunk at once.
+        Compiled as one graph (the module's parameters are its implicit inputs), it launches a few fused kernels."""
+        y, new_conv = self._read(x, weights, conv_cache)
+        return y, _append(remainder, x, store_mask), new_conv
+
+    def _prepare_eager(self, x, remainder, read_conv, store_conv, store_mask):
+        """A call that completes chunks, before the stores: the queries and retrieve gates of x, the store features
+        of the remainder and x up to the last completed chunk, as chunks (eta and keep = 1 - alpha per chunk), and
+        the new remainder. What it computes depends on shapes alone, so it is one compiled graph."""
+        cfg = self.config
+        c, d, B = cfg.chunk_size, cfg.dim_head, x.shape[0] * cfg.heads
+        queries, gate, read_conv = self._read_features(x.astype(remainder["inputs"].dtype), read_conv)
+        unstored = _append(remainder, x, store_mask)
+        m = unstored["inputs"].shape[1] // c
+        feats, store_conv = self._store_features(unstored["inputs"][:, : m * c], unstored["store"][:, : m * c],
+                                                 store_conv)
+        if cfg.channelwise_decay:
+            alpha_logit = feats["alpha"].reshape(B, m, c, d).mean(2)
+        else:
+            alpha_logit = feats["alpha"].reshape(B, m, c).mean(-1)
+        chunks = {
+            "keys": feats["keys"].reshape(B, m, c, d),
+            "values": feats["values"].reshape(B, m, c, d),
+            "lr": feats["lr"].reshape(B, m, c),
+            "eta": mx.sigmoid(feats["eta"].reshape(B, m, c, -1).mean(2)).transpose(2, 0, 1),
+            "keep": 1 - mx.sigmoid(alpha_logit),
+        }
+        remainder = {name: t[:, m * c :] for name, t in unstored.items()}
+        return queries, gate, chunks, remainder, read_conv, store_conv
+
+    def _finish_eager(self, start_weights, end_weights, queries, reads, gate, first: int, b: int):
+        """A call's reads (b, n, dim) in the weights' dtype: its first `first` tokens read `start_weights`, the
+        blocks' `reads` follow, the rest read `end_weights`. One compiled graph."""
+        n = queries.shape[1]
+        pieces = [memory_forward(start_weights, queries[:, :first])] if first > 0 else []
+        pieces += [y.reshape(y.shape[0], -1, y.shape[-1]) for y in reads]
+        done = sum(p.shape[1] for p in pieces)
+        pieces.append(memory_forward(end_weights, queries[:, done:]))
+        return self._output(mx.concatenate(pieces, axis=1) if len(pieces) > 1 else pieces[0], gate, b, n)
 
     def _query_key_heads(self, t, b: int, n: int, gamma_name: str):
         """Query or key rows (b * n, heads * d) -> (b * heads, n, d), with the optional l2 / RMS normalisations."""
@@ -414,55 +456,38 @@ class NeuralMemory(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def __call__(self, x, state: Optional[dict] = None, store_mask=None):
+        """The state keeps the inputs of the tokens not stored yet (`remainder`: inputs and store flags), and with a
+        convolution its caches: `read`, the queries' after the last token, and `store`, the keys' and values' after
+        the last stored token."""
         self._check_input(x, state, store_mask)
         cfg = self.config
         b, n, _ = x.shape
         c, d, h = cfg.chunk_size, cfg.dim_head, cfg.heads
         if state is None:
             state = self.initial_state(b)
-        rem = state["remainder"]
-        r = rem["keys"].shape[1]
+        rem, conv = state["remainder"], state.get("conv", {})
+        r = rem["inputs"].shape[1]
         weights = state["weights"]
         if r + n < c:  # no chunk completes: every token reads the weights as they are
-            y, remainder, new_conv = self._decode_step(x, weights, rem, state.get("conv"), store_mask)
+            y, remainder, read_conv = self._decode_step(x, weights, rem, conv.get("read"), store_mask)
             new_state = {**state, "remainder": remainder, "position": state["position"] + n}
-            if new_conv is not None:
-                new_state["conv"] = new_conv
+            if cfg.conv_size:
+                new_state["conv"] = {**conv, "read": read_conv}
             return y, new_state
-        queries, gate, feats, new_conv = self._features(x.astype(self.to_keys.weight.dtype), state.get("conv"),
-                                                        store_mask)
-        seq = {name: mx.concatenate([rem[name], feats[name]], axis=1) for name in feats}
-        total = r + n
-        n_chunks = total // c
-        stored = n_chunks * c
+        queries, gate, chunks, remainder, read_conv, store_conv = self._prepare(
+            x, rem, conv.get("read"), conv.get("store"), store_mask)
+        n_chunks = chunks["keep"].shape[1]
         chunks_before = (state["position"] - r) // c
-
         momentum = state.get("momentum", {})
         reference = state.get("reference")
-
         # retrieval groups: token i reads the weights after (r + i + 1) // c of this call's chunks
         first = min(n, c - r - 1)
-        pieces = [memory_forward(weights, queries[:, :first])] if first > 0 else []
-        B = b * h
-        chunked = {
-            "keys": seq["keys"][:, :stored].reshape(B, n_chunks, c, d),
-            "values": seq["values"][:, :stored].reshape(B, n_chunks, c, d),
-            "lr": seq["lr"][:, :stored].reshape(B, n_chunks, c),
-        }
-        eta = mx.sigmoid(seq["eta"][:, :stored].reshape(B, n_chunks, c, -1).mean(2)).transpose(2, 0, 1)
-        if cfg.channelwise_decay:
-            alpha_logit = seq["alpha"][:, :stored].reshape(B, n_chunks, c, d).mean(2)
-        else:
-            alpha_logit = seq["alpha"][:, :stored].reshape(B, n_chunks, c).mean(-1)
-        keep = 1 - mx.sigmoid(alpha_logit)
-        middle = queries[:, first : first + (n_chunks - 1) * c].reshape(B, n_chunks - 1, c, d)
+        middle = queries[:, first : first + (n_chunks - 1) * c].reshape(b * h, n_chunks - 1, c, d)
+        start_weights, reads = weights, []
         for start, end in self._blocks(chunks_before, n_chunks):
             absolute = chunks_before + start
-            args = (
-                chunked["keys"][:, start:end], chunked["values"][:, start:end], chunked["lr"][:, start:end],
-                eta[:, :, start:end], keep[:, start:end], middle[:, start : min(end, n_chunks - 1)],
-                self._hyper,
-            )
+            args = (*(chunks[k][:, start:end] for k in ("keys", "values", "lr")), chunks["eta"][:, :, start:end],
+                    chunks["keep"][:, start:end], middle[:, start : min(end, n_chunks - 1)], self._hyper)
             if cfg.refresh_chunks == 1:
                 weights, momentum, y = self._sequential(weights, momentum, *args)
             else:
@@ -470,22 +495,20 @@ class NeuralMemory(nn.Module):
                     reference = weights
                 weights, momentum, y = self._parallel(weights, momentum, reference, *args)
             if y.shape[1]:
-                pieces.append(y.reshape(B, -1, d))
-        pieces.append(memory_forward(weights, queries[:, first + (n_chunks - 1) * c :]))
-        y = mx.concatenate(pieces, axis=1) if len(pieces) > 1 else pieces[0]
-        y = self._output(y, gate, b, n)
+                reads.append(y)
+        y = self._finish(start_weights, weights, queries, reads, gate, first, b)
 
         new_state = {
             "weights": weights,
-            "remainder": {name: t[:, stored:] for name, t in seq.items()},
+            "remainder": remainder,
             "position": state["position"] + n,
         }
         if cfg.momentum:
             new_state["momentum"] = momentum
         if reference is not None:
             new_state["reference"] = reference
-        if new_conv is not None:
-            new_state["conv"] = new_conv
+        if cfg.conv_size:
+            new_state["conv"] = {"read": read_conv, "store": store_conv}
         return y.astype(x.dtype), new_state
 
     def retrieve(self, x, state: dict, conv_cache=None):
@@ -494,20 +517,15 @@ class NeuralMemory(nn.Module):
         stream of x: `conv_cache` holds that stream's last inputs (None at its start), which may differ from the
         stream the memory stores (MAC reads with the block's input and stores the attention output)."""
         cfg = self.config
-        b, n, dim = x.shape
-        rows = x.reshape(b * n, dim).astype(self.to_keys.weight.dtype)
-        xr = self.retrieve_norm(rows) if cfg.pre_norm else rows
-        queries, new_conv = self.to_queries(xr), None
-        if cfg.conv_size:
-            if conv_cache is None:
-                conv_cache = mx.zeros((b, cfg.conv_size - 1, cfg.inner_dim), dtype=queries.dtype)
-            queries, new_conv = _causal_conv(queries.reshape(b, n, -1), conv_cache,
-                                             self.conv_weight[:, : cfg.inner_dim])
-            queries = queries.reshape(b * n, -1)
-        queries = self._query_key_heads(nn.silu(queries) if cfg.qkv_silu else queries, b, n, "q_norm_gamma")
-        gate = mx.sigmoid(self.retrieve_gate(xr)) if cfg.heads > 1 else None
-        y = memory_forward(state["weights"], queries)
-        return self._output(y, gate, b, n).astype(x.dtype), new_conv
+        if cfg.conv_size and conv_cache is None:
+            conv_cache = mx.zeros((x.shape[0], cfg.conv_size - 1, cfg.inner_dim), dtype=self.to_keys.weight.dtype)
+        return self._read(x, state["weights"], conv_cache)
+
+    def _read(self, x, weights, conv_cache):
+        """Every token of x reads `weights`: (reads (b, n, dim) in x's dtype, the queries' conv cache after x)."""
+        b, n, _ = x.shape
+        queries, gate, new_conv = self._read_features(x.astype(self.to_keys.weight.dtype), conv_cache)
+        return self._output(memory_forward(weights, queries), gate, b, n).astype(x.dtype), new_conv
 
     def _blocks(self, chunks_before: int, n_chunks: int):
         """Split this call's chunks into blocks that never straddle a mini-batch boundary."""

@@ -41,7 +41,7 @@ from .neural_memory import MemoryConfig, NeuralMemory
 
 QWEN_TYPES = ("qwen2", "qwen3")
 MEMORY_WEIGHTS = "titans_memory.safetensors"
-STATE_FORMAT = "mlx-titans-qwen-state/1"
+STATE_FORMAT = "mlx-titans-qwen-state/2"
 DEFAULT_MEMORY = {"heads": 4, "dim_head": 128, "chunk_size": 64}
 
 

@@ -19,7 +19,7 @@ def save_state(path, state: dict, config: MemoryConfig) -> None:
     path = Path(path)
     arrays = {k: v for k, v in tree_flatten(state) if isinstance(v, mx.array)}
     metadata = {
-        "format": "mlx-titans-memory-state/1",
+        "format": "mlx-titans-memory-state/2",
         "config": json.dumps(config.to_dict(), sort_keys=True),
         "fingerprint": config.fingerprint(),
         "position": str(state["position"]),
@@ -29,7 +29,7 @@ def save_state(path, state: dict, config: MemoryConfig) -> None:
 
 def load_state(path, config: MemoryConfig) -> dict:
     """Read a state written by `save_state`, refusing one saved from a memory with another config."""
-    arrays, metadata = load_safetensors_checked(path, "mlx-titans-memory-state/1", "NeuralMemory state")
+    arrays, metadata = load_safetensors_checked(path, "mlx-titans-memory-state/2", "NeuralMemory state")
     if metadata.get("fingerprint") != config.fingerprint():
         saved = json.loads(metadata.get("config", "{}"))
         ours = config.to_dict()
