@@ -1,14 +1,20 @@
-"""Decode tok/s at one context length, TitansQwen against stock mlx-lm, in interleaved rounds: the number to trust
-for "within 10% of stock" when a single pass is noisy.
+"""Decode tok/s at one context length, TitansQwen against stock mlx-lm, in many short interleaved bursts: the number
+to trust for "within 10% of stock" when the machine's speed drifts (on the H100, stock decode ranged 94-173 tok/s
+within one run, while a 4K prefill takes seconds).
 
-    python -m benchmarks.decode_speed --preset qwen2.5-7b --context 4096 --rounds 5 \
+    python -m benchmarks.decode_speed --preset qwen2.5-7b --context 4096 --rounds 24 \
         --out benchmarks/results/decode_speed_h100.json
 
 Every method's model is built once (random weights of the preset's shapes, cast and quantized as convert/qwen.py
-does, or --model's converted directory) and kept loaded. After --burn-in seconds of decoding, each round runs every
-method in turn, the order rotating from round to round: a fresh cache, --context random tokens prefilled, then
---generation-tokens decoded greedily through mlx-lm's generate_step. Reported: each method's median decode tok/s
-and the ratio of each method to `full` (stock mlx-lm, full KV cache) per round, with its median, min and max.
+does, or --model's converted directory) and kept loaded. After --burn-in seconds of decoding on throwaway caches,
+each method's cache is prefilled with --context random tokens once; then each round decodes a burst of
+--generation-tokens from every method's cache in turn (a random token, then greedy decoding through mlx-lm's
+generate_step), the order rotating from round to round, so the context grows by about rounds x (tokens + 2) (final_context). The default
+burst, 64 tokens, is one memory chunk: every burst of TitansQwen pays for one chunk update. Reported: each method's
+median burst tok/s, its tokens over its decode time across all rounds, and the ratio of each method to `full`
+(stock mlx-lm, full KV cache): per round (median, min, max) and over all rounds.
+`window` is TitansQwen without memory layers: what the bounded attention costs alone, so that `titans` against
+`window` is what the memory layers cost.
 """
 
 import argparse
@@ -25,7 +31,7 @@ from benchmarks.context_scaling import (add_model_args, load_model_for, make_cac
 from benchmarks.machine import device_name
 from mlx_titans.files import write_json_atomic
 
-METHODS = ("titans", "full", "rotating")
+METHODS = ("titans", "window", "full", "rotating")  # window: TitansQwen without memory layers (its attention alone)
 
 
 def parse_args(argv=None):
@@ -35,25 +41,31 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", choices=METHODS, default=["titans", "full"],
                    help="`full` is the reference of the ratios and is always run")
     p.add_argument("--context", type=int, default=4096, help="prompt tokens before decoding")
-    p.add_argument("--generation-tokens", "-g", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--generation-tokens", "-g", type=int, default=64, help="tokens per burst")
+    p.add_argument("--rounds", type=int, default=24)
     p.add_argument("--out", default="decode_speed.json")
     args = p.parse_args(argv)
     if args.context < 1 or args.rounds < 1 or args.generation_tokens < 2:
         p.error("--context and --rounds must be >= 1 and --generation-tokens >= 2")
     args.methods = list(dict.fromkeys([*args.methods, "full"]))
+    if args.model and "window" in args.methods:
+        p.error("--methods window runs on --preset shapes only (a converted model's memory weights need its layers)")
     return args
 
 
-def summary(rounds: list, methods: list) -> dict:
-    """Per method: every round's tok/s, their median, and the per-round ratio to `full` (median, min, max)."""
+def summary(rounds: list, methods: list, tokens: int) -> dict:
+    """Per method: every round's tok/s, their median, the tok/s over all rounds, and the ratio to `full` per round
+    (median, min, max) and over all rounds."""
     out = {}
     for method in methods:
         tps = [r[method] for r in rounds]
         ratios = [r[method] / r["full"] for r in rounds]
-        out[method] = {"decode_tps": tps, "median_tps": statistics.median(tps),
+        overall = len(rounds) * tokens / sum(tokens / t for t in tps)
+        out[method] = {"decode_tps": tps, "median_tps": statistics.median(tps), "overall_tps": overall,
                        "ratio_to_full": ratios, "median_ratio": statistics.median(ratios),
                        "min_ratio": min(ratios), "max_ratio": max(ratios)}
+    for method in methods:
+        out[method]["overall_ratio"] = out[method]["overall_tps"] / out["full"]["overall_tps"]
     return out
 
 
@@ -64,20 +76,29 @@ def main(argv=None):
     models = {}
     for method in args.methods:
         tic = time.perf_counter()
-        models[method] = load_model_for(method, args, config, titans, path)
+        if method == "window":
+            models[method] = load_model_for("titans", args, config, {**titans, "memory_layers": []}, path)
+        else:
+            models[method] = load_model_for(method, args, config, titans, path)
         print(f"{method}: built in {time.perf_counter() - tic:.1f} s", flush=True)
 
-    def decode_tps(method):
+    def fresh(method, tokens):
+        """A new cache holding `tokens` random tokens and one decoded token."""
         gc.collect()
         mx.clear_cache()
         cache = make_cache(models[method], method, args.max_kv_size)
-        return run_piece(models[method], cache, random_tokens(args.context, vocab), args.generation_tokens,
+        run_piece(models[method], cache, random_tokens(tokens, vocab), 1, args.prefill_step_size)
+        return cache
+
+    def burst(method, cache):
+        return run_piece(models[method], cache, random_tokens(1, vocab), args.generation_tokens + 1,
                          args.prefill_step_size)[1]
 
     end = time.perf_counter() + args.burn_in
     while time.perf_counter() < end:
         for method in args.methods:
-            decode_tps(method)
+            burst(method, fresh(method, 2048))
+    caches = {method: fresh(method, args.context) for method in args.methods}
     device = device_name()
     result = {"device": device, "command": "python -m benchmarks.decode_speed "
               + " ".join(argv if argv is not None else sys.argv[1:]), "model": name,
@@ -85,14 +106,15 @@ def main(argv=None):
               "context": args.context, "generation_tokens": args.generation_tokens, "rounds": []}
     for k in range(args.rounds):
         order = args.methods[k % len(args.methods):] + args.methods[: k % len(args.methods)]
-        result["rounds"].append({method: decode_tps(method) for method in order})
-        result["summary"] = summary(result["rounds"], args.methods)
+        result["rounds"].append({method: burst(method, caches[method]) for method in order})
+        result["summary"] = summary(result["rounds"], args.methods, args.generation_tokens)
+        result["final_context"] = caches["full"][0].offset
         write_json_atomic(Path(args.out), result)  # after every round: a run cut short keeps what it measured
         print(f"round {k + 1}: " + ", ".join(f"{m} {result['rounds'][-1][m]:.1f} tok/s" for m in args.methods),
               flush=True)
     for method, s in result["summary"].items():
         print(f"{method}: median {s['median_tps']:.1f} tok/s, {s['median_ratio']:.3f}x full "
-              f"(rounds {s['min_ratio']:.3f}-{s['max_ratio']:.3f})")
+              f"(rounds {s['min_ratio']:.3f}-{s['max_ratio']:.3f}; over all rounds {s['overall_ratio']:.3f}x)")
     return result
 
 

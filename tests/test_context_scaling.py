@@ -109,16 +109,19 @@ def test_bad_contexts_are_refused():
 def test_decode_speed_rounds_and_ratios(tmp_path):
     out = tmp_path / "d.json"
     result = decode_speed.main(["--preset", "tiny", "--context", "96", "-g", "4", "--rounds", "3", "--burn-in", "0",
-                                "--window", "64", "--methods", "titans", "--out", str(out)])
+                                "--window", "64", "--methods", "titans", "window", "--out", str(out)])
     assert json.loads(out.read_text()) == result
-    assert len(result["rounds"]) == 3 and all(set(r) == {"titans", "full"} for r in result["rounds"])
+    assert len(result["rounds"]) == 3 and all(set(r) == {"titans", "window", "full"} for r in result["rounds"])
     titans = result["summary"]["titans"]
     ratios = [r["titans"] / r["full"] for r in result["rounds"]]
     assert titans["ratio_to_full"] == ratios and titans["median_ratio"] == sorted(ratios)[1]
-    assert result["summary"]["full"]["median_ratio"] == 1.0
+    assert result["summary"]["full"]["median_ratio"] == result["summary"]["full"]["overall_ratio"] == 1.0
+    assert 96 + 3 * 4 < result["final_context"] <= 96 + 1 + 3 * (4 + 2)  # the caches continue from round to round
     assert decode_speed.model_source(decode_speed.parse_args(["--preset", "tiny"]))[3] == "tiny"
 
 
 def test_decode_speed_refuses_a_missing_model(tmp_path):
     with pytest.raises(SystemExit, match="no model directory"):
         decode_speed.main(["--model", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit):
+        decode_speed.parse_args(["--model", str(tmp_path), "--methods", "window"])
