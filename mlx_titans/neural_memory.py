@@ -228,11 +228,15 @@ def _merge_heads(t, b: int):
 
 
 def _append(remainder, x, store_mask):
-    """The remainder (inputs (b, r, dim) and store flags (b, r) of the tokens not stored yet) with x's tokens."""
+    """The remainder (inputs (b, r, dim) of the tokens not stored yet, and their store flags (b, r) once a stream has
+    had a store mask: a flag costs two kernels per decode step) with x's tokens."""
     dt, (b, n, _) = remainder["inputs"].dtype, x.shape
-    store = mx.ones((b, n), dt) if store_mask is None else store_mask.astype(dt)
-    return {"inputs": mx.concatenate([remainder["inputs"], x.astype(dt)], axis=1),
-            "store": mx.concatenate([remainder["store"], store], axis=1)}
+    out = {"inputs": mx.concatenate([remainder["inputs"], x.astype(dt)], axis=1)}
+    if store_mask is not None or "store" in remainder:
+        flags = remainder.get("store", mx.ones(remainder["inputs"].shape[:2], dt))
+        new = mx.ones((b, n), dt) if store_mask is None else store_mask.astype(dt)
+        out["store"] = mx.concatenate([flags, new], axis=1)
+    return out
 
 
 def _causal_conv(t, cache, weight):
@@ -309,8 +313,7 @@ class NeuralMemory(nn.Module):
             shape = w.shape[1:] if cfg.per_head_init else w.shape
             w = w if cfg.per_head_init else mx.broadcast_to(w, (cfg.heads, *shape))
             weights[name] = mx.broadcast_to(w[None], (batch, cfg.heads, *shape)).reshape(B, *shape)
-        state = {"weights": weights, "remainder": {"inputs": zeros((batch, 0, cfg.dim)), "store": zeros((batch, 0))},
-                 "position": 0}
+        state = {"weights": weights, "remainder": {"inputs": zeros((batch, 0, cfg.dim))}, "position": 0}
         if cfg.momentum:
             state["momentum"] = {n: zeros((cfg.momentum_order, *w.shape)) for n, w in weights.items()}
         if cfg.refresh_chunks != 1:
@@ -373,7 +376,7 @@ class NeuralMemory(nn.Module):
         return self._query_key_heads(queries, b, n, "q_norm_gamma"), gate, new_conv
 
     def _store_features(self, x, store, conv_cache):
-        """Keys, values, learning rates (0 where `store` is 0) and gate logits of the tokens x (b, m, dim) that
+        """Keys, values, learning rates (0 where `store`, if given, is 0) and gate logits of the tokens x (b, m, dim) that
         complete chunks, heads split into the batch; with a convolution, over the stream whose last inputs
         `conv_cache` holds. Returns (features, the cache after x)."""
         cfg = self.config
@@ -388,7 +391,9 @@ class NeuralMemory(nn.Module):
             keys, values = mx.split(kv.reshape(b * n, -1), 2, axis=-1)
         if cfg.qkv_silu:
             keys, values = nn.silu(keys), nn.silu(values)
-        lr = mx.sigmoid(self.to_lr(xs)) * cfg.max_lr * store.reshape(b * n, 1)
+        lr = mx.sigmoid(self.to_lr(xs)) * cfg.max_lr
+        if store is not None:
+            lr = lr * store.reshape(b * n, 1)
         alpha_shape = (cfg.dim_head,) if cfg.channelwise_decay else ()
         feats = {
             "keys": self._query_key_heads(keys, b, n, "k_norm_gamma"),
@@ -417,8 +422,8 @@ class NeuralMemory(nn.Module):
         queries, gate, read_conv = self._read_features(x.astype(remainder["inputs"].dtype), read_conv)
         unstored = _append(remainder, x, store_mask)
         m = unstored["inputs"].shape[1] // c
-        feats, store_conv = self._store_features(unstored["inputs"][:, : m * c], unstored["store"][:, : m * c],
-                                                 store_conv)
+        store = unstored["store"][:, : m * c] if "store" in unstored else None
+        feats, store_conv = self._store_features(unstored["inputs"][:, : m * c], store, store_conv)
         if cfg.channelwise_decay:
             alpha_logit = feats["alpha"].reshape(B, m, c, d).mean(2)
         else:
@@ -456,9 +461,9 @@ class NeuralMemory(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def __call__(self, x, state: Optional[dict] = None, store_mask=None):
-        """The state keeps the inputs of the tokens not stored yet (`remainder`: inputs and store flags), and with a
-        convolution its caches: `read`, the queries' after the last token, and `store`, the keys' and values' after
-        the last stored token."""
+        """The state keeps the inputs of the tokens not stored yet (`remainder`: inputs, and store flags once a call
+        has had a store mask), and with a convolution its caches: `read`, the queries' after the last token, and
+        `store`, the keys' and values' after the last stored token."""
         self._check_input(x, state, store_mask)
         cfg = self.config
         b, n, _ = x.shape

@@ -9,10 +9,10 @@ lm_head / tied-embedding, sanitize and inner model, plus a "titans" section in c
 Attention sees the first `sink_tokens` tokens (StreamingLLM) and a window that slides once per segment: a token
 of segment k = t // segment_size sees the `window` tokens before the segment's start and the segment up to itself
 (between `window` and `window + segment_size` recent keys). So every call attends all the keys its cache holds under
-a plain causal mask, mlx-lm's fused attention path, and no (queries x keys) mask is ever built. The cache keeps those
-keys before RoPE and applies RoPE at attention time, at positions that stay bounded whatever the context length: a
-token at absolute index t sits at t - shift_k, with shift_k = max(0, k * segment_size - window - sink_tokens), and
-the sinks at 0..s-1. Distances inside the window are exact, no position exceeds segment_size + window + sink_tokens,
+a plain causal mask, mlx-lm's fused attention path, and no (queries x keys) mask is ever built. RoPE positions stay
+bounded whatever the context length: in segment k a token at absolute index t sits at t - shift_k, with
+shift_k = max(0, k * segment_size - window - sink_tokens), and the sinks at 0..s-1 (the cache rotates its window's
+keys down once per segment). Distances inside the window are exact, no position exceeds segment_size + window + sink_tokens,
 and since a query's keys and positions depend only on its own index, any split of the input into calls gives the
 same outputs (calls are cut internally at segment boundaries). Until the first eviction every shift is 0: the model
 is then exactly the base model.
@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.cache import _BaseCache
+from mlx_lm.models.rope_utils import Llama3RoPE
 from mlx_lm.utils import load_config, load_model, load_tokenizer
 
 from .files import load_safetensors_checked, save_safetensors_atomic
@@ -100,41 +102,53 @@ def memory_weights(model) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- attention
-class TitansCache(_BaseCache):
-    """One layer's context: the keys (before RoPE) and values of the sinks, of the `window` tokens before the current
-    segment and of the segment so far, the same keys rotated for the current segment, and the layer's NeuralMemory
-    state (None in layers without memory).
+def composable(rope) -> bool:
+    """Whether rope(rope(k, offset=a), offset=b) rotates k as rope(k, offset=a + b): angles linear in the position
+    and no scaling of the input (mlx-lm's plain and Llama 3 RoPE; not YaRN, SuScaled or dynamic NTK)."""
+    return type(rope) in (nn.RoPE, Llama3RoPE)
 
-    Decoding writes each token into preallocated buffers in place and rotates only the new keys: the buffers are
-    compacted to sinks + last `window` and the keys re-rotated once per segment (when the RoPE shift moves), so a
-    step costs what stock mlx-lm's KVCache costs plus O(window / segment_size). `offset` counts every token seen."""
+
+class TitansCache(_BaseCache):
+    """One layer's context: the keys and values of the sinks, of the `window` tokens before the current segment and
+    of the segment so far, and the layer's NeuralMemory state (None in layers without memory).
+
+    Keys are kept rotated, at the positions of the current segment's RoPE shift (`shift`). Decoding writes each
+    token into preallocated buffers in place, as stock mlx-lm's KVCache does; once per segment the buffers are
+    compacted to sinks + last `window` and the window's keys rotated down by the shift's change. That takes a RoPE
+    whose rotations compose (see `composable`); for any other the cache also keeps the keys before RoPE and rotates
+    those, one more write per step. `offset` counts every token seen."""
 
     step = 256
 
     def __init__(self, sink_tokens: int, window: int, segment_size: int):
         self.sink_tokens, self.window, self.segment_size = sink_tokens, window, segment_size
-        self._k = self._v = self._rotated = self.memory = None
+        self._k = self._v = self._unrotated = self.memory = None
         self.size = 0  # keys held: the sinks, then a contiguous run of recent tokens
         self.offset = 0
-        self._rotated_shift = None
+        self.shift = 0  # the RoPE shift of the kept keys' positions
 
     @property
     def state(self):
-        return self._k, self._v, self._rotated, self.memory
+        return self._k, self._v, self._unrotated, self.memory
 
     @property
     def keys(self):
-        """The kept keys, before RoPE (what a saved state holds)."""
+        """The kept keys, rotated at their positions under `shift`."""
         return None if self._k is None else self._k[:, :, : self.size]
 
     @property
     def values(self):
         return None if self._v is None else self._v[:, :, : self.size]
 
-    def restore(self, keys, values, offset: int):
-        """Set the kept keys/values and position (from a saved state)."""
-        self._k, self._v, self._rotated, self._rotated_shift = keys, values, None, None
-        self.size, self.offset = (0 if keys is None else keys.shape[2]), offset
+    @property
+    def unrotated(self):
+        """The kept keys before RoPE, kept only for a RoPE that does not compose."""
+        return None if self._unrotated is None else self._unrotated[:, :, : self.size]
+
+    def restore(self, keys, values, offset: int, shift: int, unrotated=None):
+        """Set the kept keys/values, position and shift (from a saved state)."""
+        self._k, self._v, self._unrotated = keys, values, unrotated
+        self.size, self.offset, self.shift = (0 if keys is None else keys.shape[2]), offset, shift
 
     def position_shift(self) -> int:
         """How far below their absolute index the window keys and this call's tokens are rotated (see the module
@@ -163,22 +177,31 @@ class TitansCache(_BaseCache):
         if n <= s + self.window:
             return
         keep = lambda b: None if b is None else mx.concatenate([b[:, :, :s], b[:, :, n - self.window : n]], axis=2)
-        self._k, self._v, self._rotated = keep(self._k), keep(self._v), keep(self._rotated)
+        self._k, self._v, self._unrotated = keep(self._k), keep(self._v), keep(self._unrotated)
         self.size = s + self.window
+
+    def _rotate_window(self, rope, shift: int):
+        """The window's keys (after the sinks) rotated at their positions under `shift`."""
+        s = self.sink_tokens
+        if self._unrotated is not None:
+            first = self.offset - (self.size - s)  # absolute index of slot s
+            return rope(self._unrotated[:, :, s : self.size], offset=first - shift)
+        window = self._k[:, :, s : self.size]
+        B, H, L, D = window.shape  # every key moves by the same angle: one position each, as one "token" per row
+        return rope(window.reshape(B, H * L, 1, D), offset=self.shift - shift).reshape(B, H, L, D)
 
     def update_and_fetch(self, keys, values, rope):
         """Append this call's keys (before RoPE) and values; return the rotated keys and the values it attends."""
-        s, shift = self.sink_tokens, self.position_shift()
-        if self._rotated_shift != shift and self.size:  # a new segment (or a restored state): rotate the kept keys
-            first = self.offset - (self.size - s) if self.size > s else 0  # absolute index of slot s
-            kept = self._k[:, :, : self.size]
-            self._rotated = mx.concatenate([rope(kept[:, :, :s]), rope(kept[:, :, s:], offset=first - shift)], axis=2)
-        self._rotated_shift = shift
-        self._k, self._v = self._write(self._k, keys), self._write(self._v, values)
-        self._rotated = self._write(self._rotated, rope(keys, offset=self.offset - shift))
+        shift = self.position_shift()
+        if shift != self.shift and self.size > self.sink_tokens:  # a new segment: the window's positions move
+            self._k[:, :, self.sink_tokens : self.size] = self._rotate_window(rope, shift)
+        self.shift = shift
+        if self._unrotated is not None or not composable(rope):
+            self._unrotated = self._write(self._unrotated, keys)
+        self._k, self._v = self._write(self._k, rope(keys, offset=self.offset - shift)), self._write(self._v, values)
         self.size += keys.shape[2]
         self.offset += keys.shape[2]
-        out = self._rotated[:, :, : self.size], self._v[:, :, : self.size]
+        out = self._k[:, :, : self.size], self._v[:, :, : self.size]
         if self.position_shift() != shift:  # the next call starts a new segment: drop what it cannot see
             self._compact()
         return out
@@ -386,7 +409,8 @@ def _fingerprint(description: dict) -> str:
 def save_memory_state(path, model, cache: list) -> None:
     """Write the window keys/values, offsets and memory states of `cache` to a safetensors file, atomically."""
     path = Path(path)
-    flat = tree_flatten([{"keys": c.keys, "values": c.values, "offset": c.offset, "memory": c.memory} for c in cache])
+    flat = tree_flatten([{"keys": c.keys, "values": c.values, "unrotated": c.unrotated, "offset": c.offset,
+                          "shift": c.shift, "memory": c.memory} for c in cache])
     description = model_description(model)
     metadata = {
         "format": STATE_FORMAT,
@@ -408,6 +432,6 @@ def load_memory_state(path, model) -> list:
     layers = tree_unflatten([*arrays.items(), *json.loads(metadata["integers"]).items()])
     cache = model.make_cache()
     for c, saved in zip(cache, layers):
-        c.restore(saved.get("keys"), saved.get("values"), saved["offset"])
+        c.restore(saved.get("keys"), saved.get("values"), saved["offset"], saved["shift"], saved.get("unrotated"))
         c.memory = saved.get("memory")
     return cache

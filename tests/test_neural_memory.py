@@ -88,6 +88,24 @@ def test_matches_slow_loop_oracle(options):
     assert mx.allclose(y, oracle_forward(mem, x, mask), atol=2e-5, rtol=1e-4)
 
 
+def test_a_store_mask_arriving_mid_stream():
+    """Calls without a mask store every token: a stream that gets its first mask mid-chunk equals one call whose mask
+    is all True until then."""
+    mem = make(heads=2)
+    x = mx.random.normal((2, 19, DIM))
+    mask = mx.random.uniform(shape=(2, 19)) > 0.3
+    mask[:, :6] = True
+    whole, whole_state = mem(x, store_mask=mask)
+    y1, state = mem(x[:, :6])
+    assert "store" not in state["remainder"]
+    y2, state = mem(x[:, 6:7], state, store_mask=mask[:, 6:7])
+    y3, state = mem(x[:, 7:], state, store_mask=mask[:, 7:])
+    assert mx.allclose(mx.concatenate([y1, y2, y3], axis=1), whole, atol=1e-5)
+    assert_states_close(state, whole_state)
+    unmasked, _ = mem(x)
+    assert not mx.allclose(unmasked[:, 8:], whole[:, 8:], atol=1e-4)
+
+
 @pytest.mark.parametrize("n", [1, 3, 4, 5, 8])
 def test_short_calls_and_retrieval_index(n):
     """n < c reads W0 and stores nothing; the last token of a chunk already reads that chunk's update."""

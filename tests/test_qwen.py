@@ -14,11 +14,12 @@ from mlx.utils import tree_flatten
 from mlx_lm.convert import convert as mlx_convert
 from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.rope_utils import YarnRoPE
 from mlx_lm.utils import load_model
 
 import convert.qwen as converter
 from mlx_titans.qwen import (
-    get_model_classes, load, load_memory_state, memory_weights, prefill, save_memory_state,
+    TitansCache, get_model_classes, load, load_memory_state, memory_weights, prefill, save_memory_state,
 )
 from tiny_qwen import make_tiny_qwen
 
@@ -102,6 +103,27 @@ def reference_logits(model, tokens):
 
 
 # ---------------------------------------------------------------------------------------------------- converter
+@pytest.mark.parametrize("rope", [nn.RoPE(8, base=100.0), YarnRoPE(8, base=100.0, scaling_factor=4.0)],
+                         ids=["composes", "scales-its-input"])
+def test_cache_keys_sit_at_their_positions(rope):
+    """Every call attends the sinks at positions 0..s-1 and the window's keys at t - shift, rotated from the keys
+    before RoPE, whether the window was rotated down from its last positions (plain RoPE) or from kept unrotated keys
+    (YaRN scales its input: its rotations do not compose)."""
+    s, W, R, n = 2, 6, 4, 23
+    keys = mx.random.normal((1, 2, n, 8))
+    cache, t = TitansCache(s, W, R), 0
+    while t < n:
+        end = min(n, t + 3, (t // R + 1) * R)  # calls never cross a segment boundary (the model cuts them)
+        shift = max(0, t // R * R - W - s)
+        got, values = cache.update_and_fetch(keys[:, :, t:end], 2 * keys[:, :, t:end], rope)
+        kept = [*range(min(s, end)), *range(max(s, t // R * R - W), end)]
+        expected = mx.concatenate([rope(keys[:, :, i : i + 1], offset=i if i < s else i - shift) for i in kept], axis=2)
+        assert mx.allclose(got, expected, atol=1e-5), t
+        assert mx.array_equal(values, 2 * keys[:, :, kept])
+        t = end
+    assert (cache.unrotated is None) == isinstance(rope, nn.RoPE)
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_convert_quantized_then_load_generate_and_stock_load(hf, arch, tmp_path):
     out = tmp_path / "out"
