@@ -2,17 +2,17 @@
 to trust for "within 10% of stock" when the machine's speed drifts (on the H100, stock decode ranged 94-173 tok/s
 within one run, while a 4K prefill takes seconds).
 
-    python -m benchmarks.decode_speed --preset qwen2.5-7b --context 4096 --rounds 24 \
-        --out benchmarks/results/decode_speed_h100.json
+    python -m benchmarks.decode_speed --preset qwen2.5-7b --context 4096 --rounds 40 \
+        --methods titans window full rotating --out benchmarks/results/decode_speed_h100.json
 
 Every method's model is built once (random weights of the preset's shapes, cast and quantized as convert/qwen.py
 does, or --model's converted directory) and kept loaded. After --burn-in seconds of decoding on throwaway caches,
 each method's cache is prefilled with --context random tokens once; then each round decodes a burst of
 --generation-tokens from every method's cache in turn (a random token, then greedy decoding through mlx-lm's
-generate_step), the order rotating from round to round, so the context grows by about rounds x (tokens + 2) (final_context). The default
-burst, 64 tokens, is one memory chunk: every burst of TitansQwen pays for one chunk update. Reported: each method's
-median burst tok/s, its tokens over its decode time across all rounds, and the ratio of each method to `full`
-(stock mlx-lm, full KV cache): per round (median, min, max) and over all rounds.
+generate_step), the order rotating from round to round, so the context grows by about rounds x (tokens + 2)
+(final_context). The default burst, 64 tokens, is one memory chunk: every burst of TitansQwen pays for one chunk
+update. Reported: each method's median burst tok/s, its tokens over its decode time across all rounds, and the
+ratio of each method to `full` (stock mlx-lm, full KV cache): per round (median, min, max) and over all rounds.
 `window` is TitansQwen without memory layers: what the bounded attention costs alone, so that `titans` against
 `window` is what the memory layers cost.
 """

@@ -368,7 +368,8 @@ class NeuralMemory(nn.Module):
         xr = self.retrieve_norm(rows) if cfg.pre_norm else rows
         queries, new_conv = self.to_queries(xr), None
         if cfg.conv_size:
-            queries, new_conv = _causal_conv(queries.reshape(b, n, -1), conv_cache, self.conv_weight[:, : cfg.inner_dim])
+            queries, new_conv = _causal_conv(queries.reshape(b, n, -1), conv_cache,
+                                             self.conv_weight[:, : cfg.inner_dim])
             queries = queries.reshape(b * n, -1)
         if cfg.qkv_silu:
             queries = nn.silu(queries)
@@ -376,8 +377,8 @@ class NeuralMemory(nn.Module):
         return self._query_key_heads(queries, b, n, "q_norm_gamma"), gate, new_conv
 
     def _store_features(self, x, store, conv_cache):
-        """Keys, values, learning rates (0 where `store`, if given, is 0) and gate logits of the tokens x (b, m, dim) that
-        complete chunks, heads split into the batch; with a convolution, over the stream whose last inputs
+        """Keys, values, learning rates (0 where `store`, if given, is 0) and gate logits of the tokens x (b, m, dim)
+        that complete chunks, heads split into the batch; with a convolution, over the stream whose last inputs
         `conv_cache` holds. Returns (features, the cache after x)."""
         cfg = self.config
         b, n, dim = x.shape

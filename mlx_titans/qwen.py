@@ -12,10 +12,10 @@ of segment k = t // segment_size sees the `window` tokens before the segment's s
 a plain causal mask, mlx-lm's fused attention path, and no (queries x keys) mask is ever built. RoPE positions stay
 bounded whatever the context length: in segment k a token at absolute index t sits at t - shift_k, with
 shift_k = max(0, k * segment_size - window - sink_tokens), and the sinks at 0..s-1 (the cache rotates its window's
-keys down once per segment). Distances inside the window are exact, no position exceeds segment_size + window + sink_tokens,
-and since a query's keys and positions depend only on its own index, any split of the input into calls gives the
-same outputs (calls are cut internally at segment boundaries). Until the first eviction every shift is 0: the model
-is then exactly the base model.
+keys down once per segment). Distances inside the window are exact, no position exceeds
+segment_size + window + sink_tokens, and since a query's keys and positions depend only on its own index, any split
+of the input into calls gives the same outputs (calls are cut internally at segment boundaries). Until the first
+eviction every shift is 0: the model is then exactly the base model.
 
 Memory layers, after the attention residual:  h = h + memory_gate * NeuralMemory(post_attention_layernorm(h)).
 memory_gate is per channel and starts at 0, so an untrained memory leaves the base model's outputs exactly unchanged.
