@@ -289,7 +289,7 @@ class NeuralMemory(nn.Module):
         self._hyper = hp
         self._parallel = mx.compile(partial(_parallel_step, cfg))
         self._sequential = mx.compile(partial(_sequential_step, cfg))
-        self._decode_step = mx.compile(self._decode_step_eager, inputs=self.state)
+        self._read_step = mx.compile(self.read_step, inputs=self.state)
         self._prepare = mx.compile(self._prepare_eager, inputs=self.state)
         self._finish = mx.compile(self._finish_eager, inputs=self.state)
 
@@ -407,12 +407,25 @@ class NeuralMemory(nn.Module):
         }
         return feats, new_conv
 
-    def _decode_step_eager(self, x, weights, remainder, conv_cache, store_mask):
-        """A call that completes no chunk (decode steps): every token reads `weights` as they are and joins the
-        remainder as it came; what it stores is computed when its chunk completes, for the whole chunk at once.
-        Compiled as one graph (the module's parameters are its implicit inputs), it launches a few fused kernels."""
+    def read_step(self, x, weights, remainder, conv_cache=None, store_mask=None):
+        """A call that completes no chunk (decode steps; see `completes_chunk`), as arrays in, arrays out:
+        every token reads `weights` as they are and joins the remainder as it came (what it stores is computed
+        when its chunk completes, for the whole chunk at once). Returns (reads, remainder, the queries' conv
+        cache), for `state_after_read`. Uncompiled, so that a caller can compile it into its own graph with the
+        module's parameters as implicit inputs (as `__call__` does alone)."""
         y, new_conv = self._read(x, weights, conv_cache)
         return y, _append(remainder, x, store_mask), new_conv
+
+    def completes_chunk(self, state: dict, n: int) -> bool:
+        """Whether a call of n more tokens on `state` completes a chunk (and so stores)."""
+        return state["remainder"]["inputs"].shape[1] + n >= self.config.chunk_size
+
+    def state_after_read(self, state: dict, remainder, read_conv, n: int) -> dict:
+        """The state after a `read_step` of n tokens that returned `remainder` and `read_conv`."""
+        new_state = {**state, "remainder": remainder, "position": state["position"] + n}
+        if self.config.conv_size:
+            new_state["conv"] = {**state["conv"], "read": read_conv}
+        return new_state
 
     def _prepare_eager(self, x, remainder, read_conv, store_conv, store_mask):
         """A call that completes chunks, before the stores: the queries and retrieve gates of x, the store features
@@ -474,12 +487,9 @@ class NeuralMemory(nn.Module):
         rem, conv = state["remainder"], state.get("conv", {})
         r = rem["inputs"].shape[1]
         weights = state["weights"]
-        if r + n < c:  # no chunk completes: every token reads the weights as they are
-            y, remainder, read_conv = self._decode_step(x, weights, rem, conv.get("read"), store_mask)
-            new_state = {**state, "remainder": remainder, "position": state["position"] + n}
-            if cfg.conv_size:
-                new_state["conv"] = {**conv, "read": read_conv}
-            return y, new_state
+        if not self.completes_chunk(state, n):  # every token reads the weights as they are
+            y, remainder, read_conv = self._read_step(x, weights, rem, conv.get("read"), store_mask)
+            return y, self.state_after_read(state, remainder, read_conv, n)
         queries, gate, chunks, remainder, read_conv, store_conv = self._prepare(
             x, rem, conv.get("read"), conv.get("store"), store_mask)
         n_chunks = chunks["keep"].shape[1]

@@ -244,13 +244,29 @@ class MemoryBlock:
         if memory is not None:
             self.memory = NeuralMemory(memory)
             self.memory_gate = mx.zeros((args.hidden_size,))
+            self._read_step = mx.compile(self._read_step_eager, inputs=self.state)
 
     def __call__(self, x, mask, cache: TitansCache):
         h = x + window_attention(self.self_attn, self.input_layernorm(x), mask, cache)
         if "memory" in self:
-            read, cache.memory = self.memory(self.post_attention_layernorm(h), cache.memory)
-            h = gated_residual(h, self.memory_gate, read)
+            h = self._memory_residual(h, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def _memory_residual(self, h, cache: TitansCache):
+        """h + memory_gate * memory(post_attention_layernorm(h)). A call that completes no memory chunk (63 decode
+        steps in 64) runs as one compiled graph: decode is bound by kernel launches and Python calls per token."""
+        state, n = cache.memory, h.shape[1]
+        if state is None or self.memory.completes_chunk(state, n):
+            read, cache.memory = self.memory(self.post_attention_layernorm(h), state)
+            return gated_residual(h, self.memory_gate, read)
+        conv = state.get("conv", {}).get("read")
+        h, remainder, conv = self._read_step(h, state["weights"], state["remainder"], conv)
+        cache.memory = self.memory.state_after_read(state, remainder, conv, n)
+        return h
+
+    def _read_step_eager(self, h, weights, remainder, conv):
+        read, remainder, conv = self.memory.read_step(self.post_attention_layernorm(h), weights, remainder, conv)
+        return gated_residual(h, self.memory_gate, read), remainder, conv
 
 
 class TitansQwen:

@@ -276,6 +276,19 @@ def test_segmented_prefill_equals_whole_and_drives_stream_generate(hf):
     assert generated == mx.concatenate(ours).tolist()
 
 
+def test_decode_reads_the_weights_as_they_are_now(hf):
+    """The compiled decode step takes the block's parameters as inputs at every call: weights loaded after it was
+    traced (gates opened, memory and norm changed) are the ones it reads."""
+    model, tokens = titans_model(hf["qwen2"]), prompt(12)
+    feed(model, tokens, [1] * 12)  # traces the decode step
+    changed = titans_model(hf["qwen2"], 0.05)
+    for layer in changed.layers:
+        layer.post_attention_layernorm.weight = 1.5 * layer.post_attention_layernorm.weight
+        layer.memory.to_queries.weight = 2 * layer.memory.to_queries.weight
+    model.load_weights(tree_flatten(changed.parameters()))
+    assert_close(feed(model, tokens, [1] * 12), reference_logits(changed, tokens))
+
+
 def test_cached_decode_equals_uncached_forward(hf):
     model = titans_model(hf["qwen3"], 0.05)
     tokens = prompt(45)
