@@ -1,6 +1,6 @@
 """Decode tok/s at one context length, TitansQwen against stock mlx-lm, in many short interleaved bursts: the number
-to trust for "within 10% of stock" when the machine's speed drifts (on the H100, stock decode ranged 103-180 tok/s
-within one run: benchmarks/results/decode_speed_h100_repeat.json).
+to trust for "within 10% of stock" when the machine's speed drifts (on the H100, stock decode ranged 103-178 tok/s
+within one run: benchmarks/results/decode_speed_h100.json).
 
     python -m benchmarks.decode_speed --preset qwen2.5-7b --context 4096 --rounds 40 \
         --methods titans window full rotating --out benchmarks/results/decode_speed_h100.json
