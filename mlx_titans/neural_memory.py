@@ -416,6 +416,10 @@ class NeuralMemory(nn.Module):
         y, new_conv = self._read(x, weights, conv_cache)
         return y, _append(remainder, x, store_mask), new_conv
 
+    def read_step_inputs(self, state: dict) -> tuple:
+        """The arrays of `state` that `read_step` takes: (weights, remainder, the queries' conv cache or None)."""
+        return state["weights"], state["remainder"], state.get("conv", {}).get("read")
+
     def completes_chunk(self, state: dict, n: int) -> bool:
         """Whether a call of n more tokens on `state` completes a chunk (and so stores)."""
         return state["remainder"]["inputs"].shape[1] + n >= self.config.chunk_size
@@ -488,7 +492,7 @@ class NeuralMemory(nn.Module):
         r = rem["inputs"].shape[1]
         weights = state["weights"]
         if not self.completes_chunk(state, n):  # every token reads the weights as they are
-            y, remainder, read_conv = self._read_step(x, weights, rem, conv.get("read"), store_mask)
+            y, remainder, read_conv = self._read_step(x, *self.read_step_inputs(state), store_mask)
             return y, self.state_after_read(state, remainder, read_conv, n)
         queries, gate, chunks, remainder, read_conv, store_conv = self._prepare(
             x, rem, conv.get("read"), conv.get("store"), store_mask)

@@ -259,8 +259,7 @@ class MemoryBlock:
         if state is None or self.memory.completes_chunk(state, n):
             read, cache.memory = self.memory(self.post_attention_layernorm(h), state)
             return gated_residual(h, self.memory_gate, read)
-        conv = state.get("conv", {}).get("read")
-        h, remainder, conv = self._read_step(h, state["weights"], state["remainder"], conv)
+        h, remainder, conv = self._read_step(h, *self.memory.read_step_inputs(state))
         cache.memory = self.memory.state_after_read(state, remainder, conv, n)
         return h
 
