@@ -244,7 +244,10 @@ class MemoryBlock:
         if memory is not None:
             self.memory = NeuralMemory(memory)
             self.memory_gate = mx.zeros((args.hidden_size,))
-            self._read_step = mx.compile(self._read_step_eager, inputs=self.state)
+            # the read's modules as implicit inputs (their weights as they are at each call), not the whole
+            # block's: fewer arrays to flatten per call, and decode is host bound
+            self._read_step = mx.compile(self._read_step_eager,
+                                         inputs=[self.memory.state, self.post_attention_layernorm.state])
 
     def __call__(self, x, mask, cache: TitansCache):
         h = x + window_attention(self.self_attn, self.input_layernorm(x), mask, cache)
@@ -259,13 +262,13 @@ class MemoryBlock:
         if state is None or self.memory.completes_chunk(state, n):
             read, cache.memory = self.memory(self.post_attention_layernorm(h), state)
             return gated_residual(h, self.memory_gate, read)
-        h, remainder, conv = self._read_step(h, *self.memory.read_step_inputs(state))
+        h, remainder, conv = self._read_step(h, self.memory_gate, *self.memory.read_step_inputs(state))
         cache.memory = self.memory.state_after_read(state, remainder, conv, n)
         return h
 
-    def _read_step_eager(self, h, weights, remainder, conv):
+    def _read_step_eager(self, h, gate, weights, remainder, conv):
         read, remainder, conv = self.memory.read_step(self.post_attention_layernorm(h), weights, remainder, conv)
-        return gated_residual(h, self.memory_gate, read), remainder, conv
+        return gated_residual(h, gate, read), remainder, conv
 
 
 class TitansQwen:

@@ -277,13 +277,15 @@ def test_segmented_prefill_equals_whole_and_drives_stream_generate(hf):
 
 
 def test_decode_reads_the_weights_as_they_are_now(hf):
-    """The compiled decode step takes the block's parameters as inputs at every call: weights loaded after it was
-    traced (gates opened, memory and norm changed) are the ones it reads."""
+    """The compiled decode step reads the weights as they are at each call: weights loaded after it was traced
+    (gates opened, memory and norm changed) are the ones it reads. The norm is scaled per channel: a uniform scale
+    would vanish in the memory's own pre-norm."""
     model, tokens = titans_model(hf["qwen2"]), prompt(12)
     feed(model, tokens, [1] * 12)  # traces the decode step
     changed = titans_model(hf["qwen2"], 0.05)
     for layer in changed.layers:
-        layer.post_attention_layernorm.weight = 1.5 * layer.post_attention_layernorm.weight
+        weight = layer.post_attention_layernorm.weight
+        layer.post_attention_layernorm.weight = weight * mx.random.uniform(0.5, 1.5, weight.shape, key=mx.random.key(1))
         layer.memory.to_queries.weight = 2 * layer.memory.to_queries.weight
     model.load_weights(tree_flatten(changed.parameters()))
     assert_close(feed(model, tokens, [1] * 12), reference_logits(changed, tokens))
