@@ -15,6 +15,10 @@ update. Reported: each method's median burst tok/s, its tokens over its decode t
 ratio of each method to `full` (stock mlx-lm, full KV cache): per round (median, min, max) and over all rounds.
 `window` is TitansQwen without memory layers: what the bounded attention costs alone, so that `titans` against
 `window` is what the memory layers cost.
+
+--sync-tokens N then decodes N more tokens per method one at a time, waiting for each (host and device time with no
+overlap): where the time goes. TitansQwen's tokens are split into those that only read the memory and those whose
+call completes a memory chunk (one in chunk_size), reported apart.
 """
 
 import argparse
@@ -43,10 +47,11 @@ def parse_args(argv=None):
     p.add_argument("--context", type=int, default=4096, help="prompt tokens before decoding")
     p.add_argument("--generation-tokens", "-g", type=int, default=64, help="tokens per burst")
     p.add_argument("--rounds", type=int, default=24)
+    p.add_argument("--sync-tokens", type=int, default=0, help="tokens per method timed one at a time, after the rounds")
     p.add_argument("--out", default="decode_speed.json")
     args = p.parse_args(argv)
-    if args.context < 1 or args.rounds < 1 or args.generation_tokens < 2:
-        p.error("--context and --rounds must be >= 1 and --generation-tokens >= 2")
+    if args.context < 1 or args.rounds < 1 or args.generation_tokens < 2 or args.sync_tokens < 0:
+        p.error("--context and --rounds must be >= 1, --generation-tokens >= 2 and --sync-tokens >= 0")
     args.methods = list(dict.fromkeys([*args.methods, "full"]))
     if args.model and "window" in args.methods:
         p.error("--methods window runs on --preset shapes only (a converted model's memory weights need its layers)")
@@ -67,6 +72,27 @@ def summary(rounds: list, methods: list, tokens: int) -> dict:
     for method in methods:
         out[method]["overall_ratio"] = out[method]["overall_tps"] / out["full"]["overall_tps"]
     return out
+
+
+def sync_latencies(model, cache, vocab: int, tokens: int) -> list:
+    """Greedy decode steps timed one at a time with a wait for each: [(ms, whether the step completes a memory
+    chunk)], the latter always False for a model without memory layers."""
+    layers = getattr(getattr(model, "titans", None), "memory_layers", ())
+    memory = (model.layers[layers[0]].memory, cache[layers[0]]) if layers else None
+    token, rows = random_tokens(1, vocab)[None], []
+    for _ in range(tokens):
+        completes = memory is not None and memory[0].completes_chunk(memory[1].memory, 1)
+        tic = time.perf_counter()
+        token = mx.argmax(model(token, cache=cache)[:, -1], axis=-1)[None]
+        mx.eval(token)
+        rows.append((1e3 * (time.perf_counter() - tic), completes))
+    return rows
+
+
+def sync_summary(rows: list) -> dict:
+    reads = [ms for ms, completes in rows if not completes]
+    return {"median_ms": statistics.median(reads) if reads else None,
+            "chunk_ms": [ms for ms, completes in rows if completes]}
 
 
 def main(argv=None):
@@ -112,6 +138,15 @@ def main(argv=None):
         write_json_atomic(Path(args.out), result)  # after every round: a run cut short keeps what it measured
         print(f"round {k + 1}: " + ", ".join(f"{m} {result['rounds'][-1][m]:.1f} tok/s" for m in args.methods),
               flush=True)
+    if args.sync_tokens:
+        result["sync"] = {m: sync_summary(sync_latencies(models[m], caches[m], vocab, args.sync_tokens))
+                          for m in args.methods}
+        write_json_atomic(Path(args.out), result)
+        for m, s in result["sync"].items():
+            reads = "" if s["median_ms"] is None else f" median {s['median_ms']:.2f} ms"
+            chunk_ms = ", ".join(f"{ms:.1f}" for ms in s["chunk_ms"])
+            chunks = f", chunk-completing steps {chunk_ms} ms" if chunk_ms else ""
+            print(f"{m}: one step at a time,{reads}{chunks}")
     for method, s in result["summary"].items():
         print(f"{method}: median {s['median_tps']:.1f} tok/s, {s['median_ratio']:.3f}x full "
               f"(rounds {s['min_ratio']:.3f}-{s['max_ratio']:.3f}; over all rounds {s['overall_ratio']:.3f}x)")
