@@ -75,13 +75,14 @@ def summary(rounds: list, methods: list, tokens: int) -> dict:
 
 
 def sync_latencies(model, cache, vocab: int, tokens: int) -> list:
-    """Greedy decode steps timed one at a time with a wait for each: [(ms, whether the step completes a memory
-    chunk)], the latter always False for a model without memory layers."""
+    """Greedy decode steps timed one at a time with a wait for each: [(ms, whether the step takes the memory's
+    storing path: it completes a chunk, or it is the stream's first call)], always False without memory layers."""
     layers = getattr(getattr(model, "titans", None), "memory_layers", ())
-    memory = (model.layers[layers[0]].memory, cache[layers[0]]) if layers else None
+    memory, layer_cache = (model.layers[layers[0]].memory, cache[layers[0]]) if layers else (None, None)
     token, rows = random_tokens(1, vocab)[None], []
     for _ in range(tokens):
-        completes = memory is not None and memory[0].completes_chunk(memory[1].memory, 1)
+        state = None if layer_cache is None else layer_cache.memory
+        completes = memory is not None and (state is None or memory.completes_chunk(state, 1))
         tic = time.perf_counter()
         token = mx.argmax(model(token, cache=cache)[:, -1], axis=-1)[None]
         mx.eval(token)

@@ -129,6 +129,8 @@ def test_decode_speed_sync_steps_find_the_chunk_completing_ones(tmp_path):
     rows = decode_speed.sync_latencies(model, cache, config["vocab_size"], 14)
     assert [i for i, (_, completes) in enumerate(rows) if completes] == [3, 11]
     assert cache[1].offset == 34 and all(ms > 0 for ms, _ in rows)
+    fresh = decode_speed.sync_latencies(model, model.make_cache(), config["vocab_size"], 2)
+    assert [completes for _, completes in fresh] == [True, False]  # a stream's first call takes it too
     window = context_scaling.random_model(config, "titans", {**titans, "memory_layers": []}, None, 64, "float32")
     assert not any(completes for _, completes in decode_speed.sync_latencies(window, window.make_cache(), 100, 3))
     assert decode_speed.sync_summary([(2.0, False), (9.0, True), (4.0, False), (3.0, False)]) == {
