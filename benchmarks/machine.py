@@ -4,6 +4,8 @@ import os
 import platform
 import shutil
 import subprocess
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -15,11 +17,36 @@ def device_name() -> str:
     return f"{info.get('device_name', '?')}, mlx {mx.__version__} on {mx.default_device()}; {platform.platform()}"
 
 
-def run_logged(commands: list, folder: Path, name: str) -> int:
+class GPUs:
+    """n GPUs shared by processes started from several threads: `least_busy()` holds the GPU with the fewest
+    processes on it while its block runs (None when n is 1: the process sees every GPU, as without this)."""
+
+    def __init__(self, n: int = 1):
+        if n < 1:
+            raise ValueError(f"the number of GPUs must be at least 1, got {n}")
+        self.busy, self.lock = [0] * n, threading.Lock()
+
+    @contextmanager
+    def least_busy(self):
+        if len(self.busy) == 1:
+            yield None
+            return
+        with self.lock:
+            gpu = self.busy.index(min(self.busy))
+            self.busy[gpu] += 1
+        try:
+            yield gpu
+        finally:
+            with self.lock:
+                self.busy[gpu] -= 1
+
+
+def run_logged(commands: list, folder: Path, name: str, gpus: GPUs = None) -> int:
     """Run the commands one after the other in processes of their own, output to FOLDER/log.txt, stopping at the
-    first failure; returns its exit code (0 if none failed). On MLX's CUDA backend the processes get a copy of
-    MLX_PTX_CACHE_DIR named after NAME: three processes sharing one kernel cache crashed once with illegal memory
-    accesses (H100); three with copies of their own ran."""
+    first failure; returns its exit code (0 if none failed). Given several `gpus`, the processes see only the least
+    busy one (CUDA_VISIBLE_DEVICES; the i-th of those already visible, if it was set). On MLX's CUDA backend they get
+    a copy of MLX_PTX_CACHE_DIR named after NAME: three processes sharing one kernel cache crashed once with illegal
+    memory accesses (H100); three with copies of their own ran."""
     folder.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if env.get("MLX_PTX_CACHE_DIR"):
@@ -27,7 +54,10 @@ def run_logged(commands: list, folder: Path, name: str) -> int:
         if Path(env["MLX_PTX_CACHE_DIR"]).is_dir():
             shutil.copytree(env["MLX_PTX_CACHE_DIR"], own, dirs_exist_ok=True)
         env["MLX_PTX_CACHE_DIR"] = own
-    with open(folder / "log.txt", "w") as log:
+    with (gpus or GPUs()).least_busy() as gpu, open(folder / "log.txt", "w") as log:
+        if gpu is not None:
+            visible = env.get("CUDA_VISIBLE_DEVICES")
+            env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[gpu] if visible else str(gpu)
         for command in commands:
             code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
             if code:

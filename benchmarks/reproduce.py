@@ -44,7 +44,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.machine import device_name, log_tail, run_logged
+from benchmarks.machine import GPUs, device_name, log_tail, run_logged
 from benchmarks.niah import accuracy, plot
 from mlx_titans import train
 from mlx_titans.data import random_windows, split_files, token_stream, valid_windows
@@ -175,7 +175,7 @@ def matched_config(args, name: str, vocab: int) -> TitansConfig:
 def settings(args) -> dict:
     """What shapes the results (not where files go or how many run at once), passed through JSON so that it
     compares equal to the copy in a result.json."""
-    where = {"work", "out", "data", "tokenizer", "runs", "jobs", "prepare_only", "only"}
+    where = {"work", "out", "data", "tokenizer", "runs", "jobs", "gpus", "prepare_only", "only"}
     return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in where}))
 
 
@@ -239,9 +239,10 @@ def run_one(args, name: str) -> None:
     })
 
 
-def run_child(name: str, argv: list, work: Path) -> int:
-    """Train and evaluate NAME in a process of its own (with a kernel cache of its own: see machine.run_logged)."""
-    return run_logged([[sys.executable, "-m", "benchmarks.reproduce", *argv, "--only", name]], work / name, name)
+def run_child(name: str, argv: list, work: Path, gpus: GPUs = None) -> int:
+    """Train and evaluate NAME in a process of its own (with a kernel cache of its own, on the least busy of `gpus`:
+    see machine.run_logged)."""
+    return run_logged([[sys.executable, "-m", "benchmarks.reproduce", *argv, "--only", name]], work / name, name, gpus)
 
 
 def table(runs: list, tasks: list, lengths: list) -> str:
@@ -284,7 +285,8 @@ def run_all(args, argv: list, vocab: int) -> None:
         print(f"training {', '.join(todo)}, {args.jobs} at a time; logs in {work}/NAME/log.txt", flush=True)
     failed = []
     with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(args.runs), initial=len(results), unit="run") as bar:
-        futures = {pool.submit(run_child, name, argv, work): name for name in todo}
+        gpus = GPUs(args.gpus)
+        futures = {pool.submit(run_child, name, argv, work, gpus): name for name in todo}
         for future in as_completed(futures):
             name, code = futures[future], future.result()
             if code == 0:
@@ -335,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME", shown="all but mac_conv")
     add("--jobs", "runs trained at once, each in a process of its own (3 at once ran on one H100)",
         type=int, default=1)
+    add("--gpus", "GPUs to spread the --jobs over, each run on the least busy (CUDA_VISIBLE_DEVICES)", type=int,
+        default=1)
     add("--prepare-only", "encode the books into WORK/tokens, check the settings and stop", action="store_true")
     p.add_argument("--only", choices=list(RUNS), help=argparse.SUPPRESS)  # a child: train and evaluate this run
 
@@ -367,8 +371,8 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.lengths = args.lengths or [m * args.seq_len for m in (1, 2, 4, 8)]
-    if args.jobs < 1:
-        sys.exit("error: --jobs must be at least 1")
+    if args.jobs < 1 or args.gpus < 1:
+        sys.exit("error: --jobs and --gpus must be at least 1")
     if args.only:
         run_one(args, args.only)
         return

@@ -6,8 +6,9 @@
 The spec is a JSON file: {"train": [mlx_titans.train flags of every run], "niah": [benchmarks.niah flags of every
 run], "runs": [{"name": NAME, "train": [this run's flags]}, ...]}; a run's own flags come after the common ones, so
 they win. Each run trains into WORK/NAME/train and is tested into WORK/NAME/niah.json, in processes of its own,
---jobs runs at a time (output in WORK/NAME/log.txt); a run with a niah.json is not run again. The gathered JSON has
-every run's two commands, its held-out loss on the training task and its accuracy rows; the PNG plots them.
+--jobs runs at a time over --gpus GPUs (output in WORK/NAME/log.txt); a run with a niah.json is not run again. The
+gathered JSON has every run's two commands, its held-out loss on the training task and its accuracy rows; the PNG
+plots them.
 """
 
 import argparse
@@ -17,7 +18,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.machine import device_name, log_tail, run_logged
+from benchmarks.machine import GPUs, device_name, log_tail, run_logged
 from benchmarks.niah import plot
 from mlx_titans.files import write_json_atomic
 
@@ -62,16 +63,17 @@ def main(argv=None) -> dict:
     p.add_argument("spec", help="the sweep's JSON spec")
     p.add_argument("--work", default="runs/sweep", help="every run's folder")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each in processes of its own")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs to spread the jobs over, each run on the least busy")
     p.add_argument("--out", default="niah_sweep.json", help="the gathered JSON; the plot goes beside it as .png")
     args = p.parse_args(argv)
     try:
-        spec = read_spec(args.spec)
+        spec, gpus = read_spec(args.spec), GPUs(args.gpus)
     except ValueError as e:
         sys.exit(f"error: {e}")
     work = Path(args.work)
     todo = [run for run in spec["runs"] if not (work / run["name"] / "niah.json").is_file()]
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        codes = list(pool.map(lambda run: run_logged(commands(spec, run, work), work / run["name"], run["name"]),
+        codes = list(pool.map(lambda run: run_logged(commands(spec, run, work), work / run["name"], run["name"], gpus),
                               todo))
     failed = [run["name"] for run, code in zip(todo, codes) if code]
     for name in failed:

@@ -8,7 +8,8 @@ import pytest
 
 from benchmarks.reproduce import RUNS, build_parser, count_parameters, matched_config, mixed_batch, model_config
 from benchmarks.reproduce import main as reproduce
-from benchmarks.reproduce import run_child
+from benchmarks.machine import GPUs
+from benchmarks.reproduce import run_child, settings
 from mlx_titans.tasks import FIRST_SYMBOL, NEEDLE, QUERY
 
 TEXT_VOCAB = 200
@@ -114,6 +115,33 @@ def test_each_run_gets_a_kernel_cache_of_its_own(tmp_path, monkeypatch):
     own = seen["env"]["MLX_PTX_CACHE_DIR"]
     assert own != str(shared) and (Path(own) / "kernel.ptx").read_text() == "compiled"  # a warm copy
     assert seen["command"][-2:] == ["--only", "mac"]
+
+
+def test_runs_spread_over_gpus_go_to_the_least_busy(tmp_path, monkeypatch):
+    gpus = GPUs(3)
+    with gpus.least_busy() as a, gpus.least_busy() as b:
+        with gpus.least_busy() as c:
+            assert (a, b, c) == (0, 1, 2)
+        with gpus.least_busy() as d:
+            assert d == 2
+    with GPUs(1).least_busy() as none:
+        assert none is None
+    with pytest.raises(ValueError):
+        GPUs(0)
+
+    seen = []
+    monkeypatch.setattr(subprocess, "run", lambda command, env, **kw: seen.append(env.get("CUDA_VISIBLE_DEVICES"))
+                        or subprocess.CompletedProcess(command, 0))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    two = GPUs(2)
+    with two.least_busy():  # GPU 0 busy
+        run_child("mac", [], tmp_path / "work", two)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")  # the machine's own choice is kept: its second
+        run_child("mac", [], tmp_path / "work", two)
+    run_child("mac", [], tmp_path / "work")
+    assert seen == ["1", "5", "4,5"]
+    parse = build_parser().parse_args
+    assert settings(parse(["--gpus", "2", "--jobs", "4"])) == settings(parse([]))  # results made elsewhere still count
 
 
 def gradient_norm(variant: str, memory: dict = None) -> float:

@@ -44,3 +44,5 @@ def test_sweep_reports_a_failed_run_and_refuses_a_bad_spec(tmp_path, capsys):
     twice = write_spec(tmp_path / "twice.json", [{"name": "a"}, {"name": "a"}])
     with pytest.raises(SystemExit, match="distinct names"):
         sweep([str(twice)])
+    with pytest.raises(SystemExit, match="GPUs must be at least 1"):
+        sweep([str(spec), "--gpus", "0"])
