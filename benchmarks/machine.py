@@ -22,8 +22,11 @@ class GPUs:
     processes on it while its block runs (None when n is 1: the process sees every GPU, as without this)."""
 
     def __init__(self, n: int = 1):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if n < 1:
             raise ValueError(f"the number of GPUs must be at least 1, got {n}")
+        if visible and n > 1 and n > len(visible.split(",")):
+            raise ValueError(f"{n} GPUs asked for, but CUDA_VISIBLE_DEVICES={visible} shows fewer")
         self.busy, self.lock = [0] * n, threading.Lock()
 
     @contextmanager

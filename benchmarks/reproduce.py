@@ -269,7 +269,7 @@ def prepare(args) -> int:
     return vocab
 
 
-def run_all(args, argv: list, vocab: int) -> None:
+def run_all(args, argv: list, vocab: int, gpus: GPUs) -> None:
     """Train the runs that have no result yet, --jobs at a time, then gather all results."""
     work, files = Path(args.work), token_files(args.work)
     results = {name: json.loads((work / name / "result.json").read_text())
@@ -285,7 +285,6 @@ def run_all(args, argv: list, vocab: int) -> None:
         print(f"training {', '.join(todo)}, {args.jobs} at a time; logs in {work}/NAME/log.txt", flush=True)
     failed = []
     with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(args.runs), initial=len(results), unit="run") as bar:
-        gpus = GPUs(args.gpus)
         futures = {pool.submit(run_child, name, argv, work, gpus): name for name in todo}
         for future in as_completed(futures):
             name, code = futures[future], future.result()
@@ -371,17 +370,18 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.lengths = args.lengths or [m * args.seq_len for m in (1, 2, 4, 8)]
-    if args.jobs < 1 or args.gpus < 1:
-        sys.exit("error: --jobs and --gpus must be at least 1")
+    if args.jobs < 1:
+        sys.exit("error: --jobs must be at least 1")
     if args.only:
         run_one(args, args.only)
         return
     try:
+        gpus = GPUs(args.gpus)
         vocab = prepare(args)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     if not args.prepare_only:
-        run_all(args, argv, vocab)
+        run_all(args, argv, vocab, gpus)
 
 
 if __name__ == "__main__":

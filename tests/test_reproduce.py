@@ -128,6 +128,11 @@ def test_runs_spread_over_gpus_go_to_the_least_busy(tmp_path, monkeypatch):
         assert none is None
     with pytest.raises(ValueError):
         GPUs(0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    with pytest.raises(ValueError, match="shows fewer"):
+        GPUs(3)
+    with pytest.raises(SystemExit, match="shows fewer"):
+        reproduce(["--gpus", "3", "--work", str(tmp_path / "never")])
 
     seen = []
     monkeypatch.setattr(subprocess, "run", lambda command, env, **kw: seen.append(env.get("CUDA_VISIBLE_DEVICES"))
