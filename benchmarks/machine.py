@@ -18,14 +18,16 @@ def device_name() -> str:
 
 
 class GPUs:
-    """n GPUs shared by processes started from several threads: `least_busy()` holds the GPU with the fewest
-    processes on it while its block runs (None when n is 1: the process sees every GPU, as without this)."""
+    """n GPUs shared by processes started from several threads: `least_busy()` holds the one with the fewest
+    processes on it while its block runs and gives its CUDA_VISIBLE_DEVICES value (the first n of those already
+    visible, if that was set), or None when n is 1: the process then sees every GPU, as without this."""
 
     def __init__(self, n: int = 1):
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if n < 1:
             raise ValueError(f"the number of GPUs must be at least 1, got {n}")
-        if visible and n > 1 and n > len(visible.split(",")):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        self.names = visible.split(",")[:n] if visible else [str(i) for i in range(n)]
+        if len(self.names) < n:
             raise ValueError(f"{n} GPUs asked for, but CUDA_VISIBLE_DEVICES={visible} shows fewer")
         self.busy, self.lock = [0] * n, threading.Lock()
 
@@ -38,7 +40,7 @@ class GPUs:
             gpu = self.busy.index(min(self.busy))
             self.busy[gpu] += 1
         try:
-            yield gpu
+            yield self.names[gpu]
         finally:
             with self.lock:
                 self.busy[gpu] -= 1
@@ -47,9 +49,9 @@ class GPUs:
 def run_logged(commands: list, folder: Path, name: str, gpus: GPUs = None) -> int:
     """Run the commands one after the other in processes of their own, output to FOLDER/log.txt, stopping at the
     first failure; returns its exit code (0 if none failed). Given several `gpus`, the processes see only the least
-    busy one (CUDA_VISIBLE_DEVICES; the i-th of those already visible, if it was set). On MLX's CUDA backend they get
-    a copy of MLX_PTX_CACHE_DIR named after NAME: three processes sharing one kernel cache crashed once with illegal
-    memory accesses (H100); three with copies of their own ran."""
+    busy one (through CUDA_VISIBLE_DEVICES). On MLX's CUDA backend they get a copy of MLX_PTX_CACHE_DIR named after
+    NAME: three processes sharing one kernel cache crashed once with illegal memory accesses (H100); three with
+    copies of their own ran."""
     folder.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if env.get("MLX_PTX_CACHE_DIR"):
@@ -59,8 +61,7 @@ def run_logged(commands: list, folder: Path, name: str, gpus: GPUs = None) -> in
         env["MLX_PTX_CACHE_DIR"] = own
     with (gpus or GPUs()).least_busy() as gpu, open(folder / "log.txt", "w") as log:
         if gpu is not None:
-            visible = env.get("CUDA_VISIBLE_DEVICES")
-            env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[gpu] if visible else str(gpu)
+            env["CUDA_VISIBLE_DEVICES"] = gpu
         for command in commands:
             code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
             if code:
