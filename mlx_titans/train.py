@@ -35,6 +35,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
 from .data import load_task_source, random_windows, shard, split_files, token_stream, valid_windows
+from .files import write_json_atomic
 from .model import TitansConfig, TitansLM, save_model
 from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
@@ -100,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--grad-clip", "clip the global gradient norm to this", type=float)
     add("--dtype", "compute dtype: float32, or bfloat16 as mixed precision")
     add("--seed", "seeds the initial weights and the data order", type=int)
-    add("--out", "run folder: checkpoints step-NNNNNNNN/, log.jsonl, tokenizer.json; on --resume, the resumed run's")
+    add("--out", "run folder: checkpoints step-NNNNNNNN/, log.jsonl, tokenizer.json, summary.json (printed too, at "
+        "the end); on --resume, the resumed run's")
     add("--resume", "continue from a checkpoint folder or the newest checkpoint in a run folder")
     add("--log-every", "steps between progress updates (the only host syncs on the hot path)", type=int)
     add("--eval-every", "steps between held-out evaluations (and at the end)", type=int)
@@ -394,6 +396,7 @@ def main(argv=None) -> dict:
         sys.exit(2)
     summary = train(run)
     if run.group.rank() == 0:
+        write_json_atomic(Path(run.config["out"]) / "summary.json", summary)
         print(json.dumps(summary), flush=True)
     return summary
 
