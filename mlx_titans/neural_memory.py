@@ -359,9 +359,10 @@ class NeuralMemory(nn.Module):
 
     # ------------------------------------------------------------------ features
     def _read_features(self, x, conv_cache):
-        """Queries (b * heads, n, d) and retrieve gates of x (b, n, dim), in the weights' dtype. With a convolution,
-        the queries convolve over the stream whose last inputs `conv_cache` holds. Returns (queries, gate, the cache
-        after x). Rows (b * n, dim) go through the projections: a 2-D matmul is one graph node, a batched one three."""
+        """Queries (b * heads, n, d) and retrieve gate logits of x (b, n, dim), in the weights' dtype. With a
+        convolution, the queries convolve over the stream whose last inputs `conv_cache` holds. Returns (queries, gate
+        logits, the cache after x). Rows (b * n, dim) go through the projections: a 2-D matmul is one graph node, a
+        batched one three."""
         cfg = self.config
         b, n, dim = x.shape
         rows = x.reshape(b * n, dim)
@@ -373,7 +374,7 @@ class NeuralMemory(nn.Module):
             queries = queries.reshape(b * n, -1)
         if cfg.qkv_silu:
             queries = nn.silu(queries)
-        gate = mx.sigmoid(self.retrieve_gate(xr)) if cfg.heads > 1 else None
+        gate = self.retrieve_gate(xr) if cfg.heads > 1 else None
         return self._query_key_heads(queries, b, n, "q_norm_gamma"), gate, new_conv
 
     def _store_features(self, x, store, conv_cache):
@@ -432,9 +433,9 @@ class NeuralMemory(nn.Module):
         return new_state
 
     def _prepare_eager(self, x, remainder, read_conv, store_conv, store_mask):
-        """A call that completes chunks, before the stores: the queries and retrieve gates of x, the store features
-        of the remainder and x up to the last completed chunk, as chunks (eta and keep = 1 - alpha per chunk), and
-        the new remainder. What it computes depends on shapes alone, so it is one compiled graph."""
+        """A call that completes chunks, before the stores: the queries and retrieve gate logits of x, the store
+        features of the remainder and x up to the last completed chunk, as chunks (eta and keep = 1 - alpha per
+        chunk), and the new remainder. What it computes depends on shapes alone, so it is one compiled graph."""
         cfg = self.config
         c, d, B = cfg.chunk_size, cfg.dim_head, x.shape[0] * cfg.heads
         queries, gate, read_conv = self._read_features(x.astype(remainder["inputs"].dtype), read_conv)
@@ -561,13 +562,13 @@ class NeuralMemory(nn.Module):
             start = end
 
     def _output(self, y, gate, b, n):
-        """Per-head reads (b * heads, n, d) -> (b, n, dim): post-norm, retrieve gate (b, n, heads) or its rows,
-        heads merged and combined."""
+        """Per-head reads (b * heads, n, d) -> (b, n, dim): post-norm, retrieve gate from its logits (b, n, heads) or
+        their rows (the sigmoid after the reshape fuses with the multiply), heads merged and combined."""
         cfg = self.config
         if cfg.post_rmsnorm:
             y = y.reshape(b, cfg.heads, n, cfg.dim_head)
             y = (mx.fast.rms_norm(y, None, cfg.norm_eps) * (1 + self.post_norm_gamma)).reshape(b * cfg.heads, n, -1)
         if gate is not None:
-            y = y * _split_heads(gate, b, n, cfg.heads)
+            y = y * mx.sigmoid(_split_heads(gate, b, n, cfg.heads))
         y = _merge_heads(y, b)
         return (self.combine_heads(y) if "combine_heads" in self else y).reshape(b, n, -1)

@@ -54,7 +54,7 @@ def oracle_forward(mem, x, store_mask=None):
                 history.append(W)
             for t in range(n):
                 out[bi, hi, t] = memory_forward(history[(t + 1) // c], q[bi, t : t + 1, hi])[0]
-    gate = mx.sigmoid(mem.retrieve_gate(xr)) if h > 1 else None
+    gate = mem.retrieve_gate(xr) if h > 1 else None
     return mem._output(out.reshape(b * h, n, d), gate, b, n)
 
 
