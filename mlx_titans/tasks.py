@@ -1,8 +1,10 @@
-"""Synthetic long-context tasks: single needle in a haystack (RULER's S-NIAH: pass-key, number, word) and
+"""Synthetic long-context tasks: single needle in a haystack (RULER's S-NIAH: pass-key, number, word, UUID) and
 multi-query associative recall (MQAR).
 
 Everything lives in a small task vocabulary: PAD, NEEDLE, QUERY markers, ten digits, then symbols used for keys,
-words and the haystack. The haystack is uniform noise, or book text folded into the symbol range (token id modulo
+words and the haystack. A word's value is 6 symbols from the whole vocabulary (thousands of classes, most of them
+tokens a book haystack rarely holds); a UUID's is 8 hex characters as RULER writes its UUIDs: the ten digits and
+six symbols for a-f, a 16-letter alphabet. The haystack is uniform noise, or book text folded into the symbol range (token id modulo
 the number of symbols), which keeps natural text's statistics without clashing with the markers.
 
 `make_batch(task, batch, length, rng, vocab, haystack=None)` returns numpy arrays (inputs, targets, loss_mask),
@@ -15,7 +17,8 @@ import numpy as np
 PAD, NEEDLE, QUERY = 0, 1, 2
 DIGITS = np.arange(3, 13)
 FIRST_SYMBOL = 13
-TASKS = ("passkey", "number", "word", "mqar")
+HEX = np.concatenate([DIGITS, np.arange(FIRST_SYMBOL, FIRST_SYMBOL + 6)])  # a UUID's alphabet: the ten digits, then a-f
+TASKS = ("passkey", "number", "word", "uuid", "mqar")
 MIN_VOCAB = 64
 
 
@@ -35,8 +38,10 @@ def _needle_sample(task, rng, vocab, length, haystack):
         key, value = np.array([], dtype=np.int64), rng.choice(DIGITS, 5)
     elif task == "number":
         key, value = _symbols(vocab, rng, 2), rng.choice(DIGITS, 7)
-    else:  # word: a UUID-like string of symbols
+    elif task == "word":
         key, value = _symbols(vocab, rng, 2), _symbols(vocab, rng, 6)
+    else:  # uuid: a UUID's first group
+        key, value = _symbols(vocab, rng, 2), rng.choice(HEX, 8)
     needle = np.concatenate([[NEEDLE], key, value])
     question = np.concatenate([[QUERY], key])
     fill = length + 1 - len(needle) - len(question) - len(value)

@@ -4,7 +4,7 @@ import pytest
 
 from benchmarks.niah import accuracy, logits_in_blocks, main
 from mlx_titans.model import TitansConfig, TitansLM, save_model
-from mlx_titans.tasks import DIGITS, NEEDLE, QUERY, TASKS, answered, make_batch
+from mlx_titans.tasks import DIGITS, HEX, NEEDLE, QUERY, TASKS, answered, make_batch
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -23,8 +23,11 @@ def test_batches_are_well_formed(task):
         # the answer is written right after the needle marker (and its key)
         start = needle_at[0] + 1 + (0 if task == "passkey" else 2)
         assert (seq[start : start + len(answer)] == answer).all()
-        if task != "word":
-            assert np.isin(answer, DIGITS).all()
+        alphabet = {"passkey": DIGITS, "number": DIGITS, "uuid": HEX}.get(task)
+        if alphabet is not None:
+            assert np.isin(answer, alphabet).all()
+    if task == "uuid":  # hex letters too, not only digits (all 32 digits: p = (10/16)^32)
+        assert not np.isin(targets[mask], DIGITS).all()
 
 
 def test_answered_and_errors():
