@@ -4,8 +4,10 @@ multi-query associative recall (MQAR).
 Everything lives in a small task vocabulary: PAD, NEEDLE, QUERY markers, ten digits, then symbols used for keys,
 words and the haystack. A word's value is 6 symbols from the whole vocabulary (thousands of classes, most of them
 tokens a book haystack rarely holds); a UUID's is 8 hex characters as RULER writes its UUIDs: the ten digits and
-six symbols for a-f, a 16-letter alphabet. The haystack is uniform noise, or book text folded into the symbol range
-(token id modulo the number of symbols), which keeps natural text's statistics without clashing with the markers.
+the first six symbols for a-f, a 16-letter alphabet (in a book haystack those six are text tokens too, as RULER's
+letters are: with benchmarks/reproduce.py's tokenizer, <|endoftext|> ! " # $ %). The haystack is uniform noise, or
+book text folded into the symbol range (token id modulo the number of symbols), which keeps natural text's statistics
+without clashing with the markers.
 
 `make_batch(task, batch, length, rng, vocab, haystack=None)` returns numpy arrays (inputs, targets, loss_mask),
 each (batch, length): the model reads `inputs`, predicts `targets` (inputs shifted by one), and only the answer
