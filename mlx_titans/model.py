@@ -115,14 +115,16 @@ def save_model(path, model: TitansLM, tokenizer_file=None, dtype=None) -> None:
         raise
 
 
-def load_model(path) -> TitansLM:
+def load_model(path, memory: Optional[dict] = None) -> TitansLM:
+    """`memory`: MemoryConfig fields that replace the saved ones, e.g. {"max_decay": 0.1} runs the trained weights
+    with a forget gate ten times slower."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no TitansLM checkpoint at {path} (config.json missing)")
     config = json.loads((path / "config.json").read_text())
     if config.get("model_type") != "titans":
         raise ValueError(f"{path} is not a TitansLM checkpoint (model_type {config.get('model_type')!r})")
-    model = TitansLM(TitansConfig.from_dict(config))
+    model = TitansLM(TitansConfig.from_dict({**config, "memory": {**config.get("memory", {}), **(memory or {})}}))
     model.load_weights(str(path / "model.safetensors"))
     model.set_dtype(mx.float32)  # weights may be stored in half precision; the memory's updates run in float32
     mx.eval(model.parameters())

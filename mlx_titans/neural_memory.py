@@ -47,6 +47,7 @@ class MemoryConfig:
     weight_decay: bool = True
     channelwise_decay: bool = False  # alpha in [0, 1]^dim_head instead of a scalar per head
     max_lr: float = 0.1
+    max_decay: float = 1.0  # alpha = max_decay * sigmoid(.): the most a chunk can forget (1 = the paper's [0, 1])
     per_head_init: bool = True  # learned initial weights per head, or one shared by all heads
     pre_norm: bool = True
     qk_rmsnorm: bool = False
@@ -80,6 +81,8 @@ class MemoryConfig:
             bad("max_grad_norm must be positive")
         if self.conv_size < 0:
             bad("conv_size must be >= 0")
+        if not 0 <= self.max_decay <= 1:
+            bad(f"max_decay must be in [0, 1], got {self.max_decay}")
 
     @property
     def inner_dim(self) -> int:
@@ -452,7 +455,7 @@ class NeuralMemory(nn.Module):
             "values": feats["values"].reshape(B, m, c, d),
             "lr": feats["lr"].reshape(B, m, c),
             "eta": mx.sigmoid(feats["eta"].reshape(B, m, c, -1).mean(2)).transpose(2, 0, 1),
-            "keep": 1 - mx.sigmoid(alpha_logit),
+            "keep": 1 - cfg.max_decay * mx.sigmoid(alpha_logit),
         }
         remainder = {name: t[:, m * c :] for name, t in unstored.items()}
         return queries, gate, chunks, remainder, read_conv, store_conv

@@ -44,7 +44,7 @@ def oracle_forward(mem, x, store_mask=None):
                         S[o] = {name: eta[o] * S[o][name] + u[name] for name in u}
                         u = S[o]
                 if cfg.weight_decay:
-                    alpha = mx.sigmoid(mem.to_decay(pooled)).reshape(h, -1)[hi]
+                    alpha = cfg.max_decay * mx.sigmoid(mem.to_decay(pooled)).reshape(h, -1)[hi]
                     keep = {name: _channel_gate(name, 1 - alpha, cfg.depth) for name in W}
                 else:
                     keep = {name: 1.0 for name in W}

@@ -77,7 +77,8 @@ def test_stream_splits_equal_one_call(options):
 @pytest.mark.parametrize(
     "options",
     [{}, {"heads": 2, "batch_size": 8}, {"batch_size": 0, "momentum_order": 2}, {"channelwise_decay": True},
-     {"max_grad_norm": 0.05, "loss": "huber", "huber_delta": 0.3}, {"depth": 3, "residual_norm": False}],
+     {"max_grad_norm": 0.05, "loss": "huber", "huber_delta": 0.3}, {"depth": 3, "residual_norm": False},
+     {"max_decay": 0.3, "heads": 2}],
     ids=str,
 )
 def test_matches_slow_loop_oracle(options):
@@ -86,6 +87,30 @@ def test_matches_slow_loop_oracle(options):
     mask = mx.random.uniform(shape=(2, 19)) > 0.2
     y, _ = mem(x, store_mask=mask)
     assert mx.allclose(y, oracle_forward(mem, x, mask), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("channelwise", [False, True])
+def test_max_decay_scales_the_forget_gate(channelwise):
+    """max_decay 0 forgets nothing (the same memory as weight_decay=False), and max_decay scales alpha: a memory at
+    max_decay 1 whose gate bias is that of sigmoid(a) forgets as one at max_decay s whose bias gives sigmoid(a) / s."""
+    x = mx.random.normal((2, 21, DIM))
+    base = make(heads=2, channelwise_decay=channelwise)
+    no_decay = make(heads=2, weight_decay=False)
+    no_decay.update(tree_unflatten([(k, v) for k, v in tree_flatten(base.parameters()) if "to_decay" not in k]))
+    capped = make(heads=2, channelwise_decay=channelwise, max_decay=0.0)
+    capped.update(base.parameters())
+    assert mx.allclose(capped(x)[0], no_decay(x)[0], atol=1e-6)
+    assert not mx.allclose(base(x)[0], no_decay(x)[0], atol=1e-4)
+
+    def constant_gate(mem, alpha):  # a gate blind to its input: alpha everywhere
+        mem.to_decay.weight = mx.zeros_like(mem.to_decay.weight)
+        mem.to_decay.bias = mx.full(mem.to_decay.bias.shape, math.log(alpha / (1 - alpha)))
+
+    half = make(heads=2, channelwise_decay=channelwise, max_decay=0.5)
+    half.update(base.parameters())
+    constant_gate(base, 0.1)
+    constant_gate(half, 0.2)
+    assert mx.allclose(half(x)[0], base(x)[0], atol=1e-5)
 
 
 def test_a_store_mask_arriving_mid_stream():
@@ -362,3 +387,5 @@ def test_bad_inputs_raise_clear_errors():
         MemoryConfig(dim=DIM, chunk_size=4, batch_size=6)
     with pytest.raises(ValueError, match="loss"):
         MemoryConfig(dim=DIM, loss="l1")
+    with pytest.raises(ValueError, match="max_decay"):
+        MemoryConfig(dim=DIM, max_decay=1.5)
