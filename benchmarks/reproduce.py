@@ -75,8 +75,9 @@ RUNS = {
 }
 DEFAULT_RUNS = ["mac", "mag", "mal", "lmm", "swa", "transformer", "mac_no_momentum", "mac_no_weight_decay",
                 "mac_linear_memory"]  # the paper's table: MAC once
-# Forgetting at most a tenth as fast (alpha = 0.1 * sigmoid(.)): the same trained MAC, MAG and MAL weights retrieved
-# far beyond their training length when run so (benchmarks/forget_gate.py; README), so these train with it.
+# Forgetting at most a tenth as fast (alpha = 0.1 * sigmoid(.)): the trained MAC, MAG and MAL weights retrieved far
+# beyond their training length when run so (benchmarks/forget_gate.py). Trained so from the start, they retrieved
+# less there than those weights did (README).
 SLOW_FORGET = {"max_decay": 0.1}
 RUNS.update({f"{name}_max_decay_0.1": {**RUNS[name], "memory": {**RUNS[name].get("memory", {}), **SLOW_FORGET}}
              for name in ("mac", "mag", "mal")})
