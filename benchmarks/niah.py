@@ -19,7 +19,7 @@ from benchmarks.machine import device_name
 from mlx_titans.files import write_json_atomic
 from mlx_titans.model import load_model
 from mlx_titans.tasks import TASKS, answered, make_batch
-from mlx_titans.train import find_checkpoint
+from mlx_titans.train import find_checkpoint, json_arg
 
 
 def checkpoint_of(path) -> Path:
@@ -83,6 +83,9 @@ def main(argv=None):
     p.add_argument("--block", type=int, default=2048, help="tokens per forward call")
     p.add_argument("--haystack", help="a .txt file or folder of books whose bytes fill the haystack (default: noise)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory", type=json_arg, default=None,
+                   help='MemoryConfig fields to run the models with, e.g. \'{"max_decay": 0.1}\': forget ten times '
+                        "slower than trained (README: what the forget gate does beyond the training length)")
     p.add_argument("--out", default="niah.json", help="JSON results; the plot goes beside it as .png")
     args = p.parse_args(argv)
 
@@ -97,10 +100,13 @@ def main(argv=None):
     models = {}
     for path, task, length in tqdm(work, desc="niah"):
         if path not in models:
-            models[path] = load_model(checkpoint_of(path))
+            try:
+                models[path] = load_model(checkpoint_of(path), memory=args.memory)
+            except (ValueError, TypeError, FileNotFoundError) as e:
+                sys.exit(f"error: {e}")
         acc = accuracy(models[path], task, length, args.samples, args.batch, args.seed, args.block, haystack)
         rows.append({"model": Path(path).name, "variant": models[path].config.variant, "task": task,
-                     "length": length, "accuracy": acc, "samples": args.samples})
+                     "length": length, "accuracy": acc, "samples": args.samples, "memory": args.memory})
         tqdm.write(f"model={Path(path).name} task={task} length={length} accuracy={100 * acc:.1f}%")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

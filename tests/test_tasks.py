@@ -1,9 +1,11 @@
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from benchmarks.niah import accuracy, logits_in_blocks, main
-from mlx_titans.model import TitansConfig, TitansLM, save_model
+from mlx_titans.model import TitansConfig, TitansLM, load_model, save_model
 from mlx_titans.tasks import DIGITS, HEX, NEEDLE, QUERY, TASKS, answered, make_batch
 
 
@@ -54,3 +56,15 @@ def test_block_evaluation_equals_one_pass_and_cli(tmp_path):
     main(["--models", str(tmp_path / "m"), "--tasks", "passkey", "mqar", "--lengths", "40", "60",
           "--samples", "2", "--block", "16", "--out", str(tmp_path / "niah.json")])
     assert (tmp_path / "niah.png").stat().st_size > 0
+    for memory, same in (({"max_decay": 1.0}, True), ({"max_decay": 0.0}, False)):  # run with other memory settings
+        slowed = load_model(tmp_path / "m", memory=memory)
+        assert slowed.layers[0].memory.config.max_decay == memory["max_decay"]
+        assert mx.allclose(slowed(inputs), model(inputs), atol=1e-5) == same
+    main(["--models", str(tmp_path / "m"), "--tasks", "passkey", "--lengths", "40", "--samples", "2",
+          "--memory", '{"max_decay": 0}', "--out", str(tmp_path / "slowed.json")])
+    assert json.loads((tmp_path / "slowed.json").read_text())["rows"][0]["memory"] == {"max_decay": 0}
+    with pytest.raises(SystemExit):
+        main(["--models", str(tmp_path / "m"), "--memory", "{max_decay", "--out", str(tmp_path / "bad.json")])
+    with pytest.raises(SystemExit, match="unknown fields"):
+        main(["--models", str(tmp_path / "m"), "--memory", '{"max_decy": 0}', "--out", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "bad.json").exists()
