@@ -7,8 +7,7 @@ For runs of benchmarks.reproduce (WORK/NAME, trained and evaluated there):
   2. needle accuracy at every test length with the same weights and alpha scaled at inference (max_decay = s:
      alpha = s * sigmoid(.)), s = 1 being the model as trained and evaluated by reproduce.
 
-    python -m benchmarks.forget_gate --work runs/reproduce --runs mac mag mal --scales 1 0.3 0.1 0.03 0 \\
-        --out benchmarks/results/niah_forget_gate.json
+    python -m benchmarks.forget_gate --runs mac mag mal --scales 1 0.3 0.1 0.03 0     # WORK: runs/reproduce
 
 The needle samples, their haystack (the books' valid split), lengths and sample counts are reproduce's, read from
 each run's result.json, so s = 1 repeats its accuracy. JSON + PNG (accuracy against length, a line per s).
@@ -53,16 +52,15 @@ def keep_rates(model, inputs) -> dict:
     finally:
         for i, prepare in originals.items():
             model.layers[i].memory._prepare = prepare
-    b, heads = inputs.shape[0], model.config.memory.get("heads", 1)
     rates = {}
     for i, log in logs.items():
         keep = mx.concatenate(log, axis=1)
         keep = keep.mean(-1) if keep.ndim == 3 else keep
-        rates[i] = np.array(keep.reshape(b, heads, -1))
+        rates[i] = np.array(keep.reshape(inputs.shape[0], model.layers[i].memory.config.heads, -1))
     return rates
 
 
-def gate_summary(model, length, samples, batch, seed, haystack, chunk) -> list:
+def gate_summary(model, length, samples, batch, seed, haystack) -> list:
     """Per memory layer and head: the mean keep rate, the mean keep of the needle's own chunk, and the median share of
     the needle's chunk left at the question, over `samples` pass-key samples of `length` tokens."""
     rng = np.random.default_rng(seed)
@@ -71,6 +69,7 @@ def gate_summary(model, length, samples, batch, seed, haystack, chunk) -> list:
         inputs, _, _ = make_batch("passkey", min(batch, samples - start), length, rng, model.config.vocab_size,
                                   haystack)
         for layer, rate in keep_rates(model, mx.array(inputs)).items():
+            chunk = model.layers[layer].memory.config.chunk_size
             needle_chunk = (inputs == NEEDLE).argmax(1) // chunk
             question_chunk = (inputs == QUERY).argmax(1) // chunk
             between = np.arange(rate.shape[-1])[None, :]
@@ -119,7 +118,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="python -m benchmarks.forget_gate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", required=True, help="benchmarks.reproduce's --work folder")
+    p.add_argument("--work", default="runs/reproduce", help="benchmarks.reproduce's --work folder (default: its default)")
     p.add_argument("--runs", nargs="+", required=True, help="runs in WORK with a forget gate, trained and evaluated")
     p.add_argument("--scales", nargs="+", type=float, default=[1, 0.3, 0.1, 0.03, 0],
                    help="max_decay values to run the trained weights with (1: as trained)")
@@ -142,13 +141,12 @@ def main(argv=None):
         sys.exit("error: --scales must lie in [0, 1]")
     valid = load_tokens(str(token_files(work)["valid"]))
 
-    gates, rows = [], []
+    gates, rows, checkpoints = [], [], {}
     for name, result in results.items():
         s = result["settings"]
-        checkpoint = find_checkpoint(work / name / "train")
+        checkpoint = checkpoints[name] = find_checkpoint(work / name / "train")
         model = load_model(checkpoint)
-        chunk = model.layers[0].memory.config.chunk_size
-        for g in gate_summary(model, max(s["lengths"]), s["samples"], s["batch_size"], s["seed"], valid, chunk):
+        for g in gate_summary(model, max(s["lengths"]), s["samples"], s["batch_size"], s["seed"], valid):
             gates.append({"run": name, **g})
             print(f"{name} layer {g['layer']} head {g['head']}: mean keep {g['mean_keep']:.4f}, at the needle "
                   f"{g['keep_at_needle']:.4f}, needle left at the question (median) {g['needle_left_median']:.3g}",
@@ -172,7 +170,7 @@ def main(argv=None):
     write_json_atomic(out, {"device": device_name(),
                             "command": shlex.join(["python", "-m", "benchmarks.forget_gate", *argv]),
                             "settings": {name: r["settings"] for name, r in results.items()},
-                            "checkpoints": {name: find_checkpoint(work / name / "train").name for name in results},
+                            "checkpoints": {name: path.name for name, path in checkpoints.items()},
                             "gates": gates, "rows": rows})
     plot(rows, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
