@@ -118,7 +118,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="python -m benchmarks.forget_gate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default="runs/reproduce", help="benchmarks.reproduce's --work folder (default: its default)")
+    p.add_argument("--work", default="runs/reproduce", help="benchmarks.reproduce's --work folder (default: its own)")
     p.add_argument("--runs", nargs="+", required=True, help="runs in WORK with a forget gate, trained and evaluated")
     p.add_argument("--scales", nargs="+", type=float, default=[1, 0.3, 0.1, 0.03, 0],
                    help="max_decay values to run the trained weights with (1: as trained)")
