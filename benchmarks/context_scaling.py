@@ -31,7 +31,7 @@ from benchmarks import cost_model
 from benchmarks.machine import device_name
 from convert.qwen import cast
 from mlx_titans.files import write_json_atomic
-from mlx_titans.qwen import TitansConfig, build_model, get_model_classes, read_qwen_config
+from mlx_titans.qwen import TitansQwenConfig, build_model, get_model_classes, read_qwen_config
 
 PRESETS = {  # the shapes of the Hugging Face configs
     "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, intermediate_size=4864,
@@ -221,7 +221,7 @@ def model_source(args):
         args.quantize, args.q_bits, args.q_group_size = bool(q), (q or {}).get("bits"), (q or {}).get("group_size", 64)
     if args.window:
         section["window"] = args.window
-    titans = TitansConfig.from_section(section, config["num_hidden_layers"], config["hidden_size"]).to_section()
+    titans = TitansQwenConfig.from_section(section, config["num_hidden_layers"], config["hidden_size"]).to_section()
     return path, config, titans, name
 
 

@@ -124,7 +124,7 @@ def convert(hf_path, mlx_path, quantize=False, q_bits=4, q_group_size=64, dtype=
 
 
 def titans_section(args) -> dict:
-    """The titans options given on the command line (the rest take TitansConfig's defaults)."""
+    """The titans options given on the command line (the rest take TitansQwenConfig's defaults)."""
     top = {"memory_layers": args.memory_layers, "window": args.window, "sink_tokens": args.sink_tokens,
            "segment_size": args.segment_size}
     memory = {"chunk_size": args.chunk_size, "heads": args.memory_heads, "dim_head": args.memory_dim_head,
@@ -142,7 +142,7 @@ def main(argv=None):
     parser.add_argument("--q-bits", type=int, default=4, help="bits per weight")
     parser.add_argument("--q-group-size", type=int, default=64, help="quantization group size")
     parser.add_argument("--dtype", choices=DTYPES, help="base weights dtype (default: config's torch_dtype)")
-    titans = parser.add_argument_group("titans (defaults: mlx_titans.qwen.TitansConfig)")
+    titans = parser.add_argument_group("titans (defaults: mlx_titans.qwen.TitansQwenConfig)")
     titans.add_argument("--memory-layers", type=int, nargs="+", help="layer indices with a NeuralMemory")
     titans.add_argument("--window", type=int, help="attention window, tokens")
     titans.add_argument("--sink-tokens", type=int, help="first tokens every query attends to")

@@ -7,14 +7,14 @@ import pytest
 from mlx.utils import tree_flatten
 
 from benchmarks import context_scaling, cost_model, decode_speed
-from mlx_titans.qwen import TitansConfig
+from mlx_titans.qwen import TitansQwenConfig
 
 TINY_QWEN3 = {**context_scaling.preset_config("tiny"), "model_type": "qwen3", "head_dim": 32,
               "tie_word_embeddings": False}
 
 
 def section(config, **overrides):
-    return TitansConfig.from_section({"memory_layers": [1], "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8},
+    return TitansQwenConfig.from_section({"memory_layers": [1], "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8},
                                       **overrides}, config["num_hidden_layers"], config["hidden_size"]).to_section()
 
 

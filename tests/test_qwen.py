@@ -1,4 +1,4 @@
-"""TitansQwen (mlx_titans/qwen.py) and its converter (convert/qwen.py) on tiny random Qwen2 / Qwen3 checkpoints."""
+"""TitansQwen (mlx_titans/qwen/) and its converter (convert/qwen.py) on tiny random Qwen2 / Qwen3 checkpoints."""
 
 import os
 import subprocess

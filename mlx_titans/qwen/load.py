@@ -1,0 +1,128 @@
+"""Loading TitansQwen: a converted folder (mlx-lm's weights + titans_memory.safetensors) or a plain Qwen one."""
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.utils import load_config, load_model, load_tokenizer
+
+from ..files import load_safetensors_checked, save_safetensors_atomic
+from .config import QWEN_TYPES
+from .model import get_model_classes, memory_weights
+
+MEMORY_WEIGHTS = "titans_memory.safetensors"
+STATE_FORMAT = "mlx-titans-qwen-state/2"
+
+
+def read_qwen_config(path: Path) -> dict:
+    """config.json (with generation_config's eos) of a Qwen2/Qwen2.5/Qwen3 directory; ValueError otherwise."""
+    if not path.is_dir():
+        raise ValueError(f"no model directory at {path}")
+    try:
+        config = load_config(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path} has no config.json") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}/config.json is not valid JSON ({e})") from None
+    if config.get("model_type") not in QWEN_TYPES:
+        raise ValueError(f"{path} holds a {config.get('model_type')!r} model, not Qwen2/Qwen2.5/Qwen3 "
+                         "(model_type qwen2 or qwen3)")
+    return config
+
+
+def build_model(path: Path, titans: dict, lazy: bool = False):
+    """mlx-lm's load_model with TitansQwen classes, then the memory weights from MEMORY_WEIGHTS when present.
+    Returns (model, config) with the resolved titans section in config."""
+    try:
+        model, config = load_model(path, lazy=True, model_config={"titans": titans},
+                                   get_model_classes=get_model_classes)
+        if (path / MEMORY_WEIGHTS).exists():
+            load_memory_weights(model, path / MEMORY_WEIGHTS)
+        if not lazy:
+            mx.eval(model.parameters())
+    except (RuntimeError, FileNotFoundError) as e:  # mx.load on a corrupt file, no model*.safetensors
+        raise ValueError(f"cannot read the weights in {path}: {str(e).strip().splitlines()[0]}") from None
+    config["titans"] = model.titans.to_section()
+    return model, config
+
+
+def load_memory_weights(model, file: Path):
+    weights = mx.load(str(file))
+    expected = memory_weights(model)
+    if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
+        raise ValueError(f"{file} does not fit the titans section of config.json (other memory layers or sizes)")
+    model.load_weights(list(weights.items()), strict=False)
+
+
+def load(path, *, window: Optional[int] = None):
+    """(model, tokenizer, config) from a directory written by convert/qwen.py, or from a plain mlx-lm / HF Qwen
+    directory (then with the default titans section: untrained memory, gate closed). `window` overrides the
+    titans window."""
+    path = Path(path)
+    titans = dict(read_qwen_config(path).get("titans", {}))
+    if window is not None:
+        titans["window"] = window
+    model, config = build_model(path, titans)
+    return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id")), config
+
+
+def prefill(model, tokens: mx.array, cache: list, segment_size: Optional[int] = None, progress=None):
+    """Feed a prompt (batch, n) through the model `segment_size` tokens per call (default: the titans
+    segment_size), evaluating the cache after each so that memory use does not grow with n.
+    Returns the logits of the last position, (batch, vocab). progress(done, total) follows each segment."""
+    size = segment_size or model.titans.segment_size
+    total = tokens.shape[1]
+    if total == 0:
+        raise ValueError("prefill needs at least one token")
+    for start in range(0, total, size):
+        hidden = model.hidden(tokens[:, start : start + size], cache)
+        mx.eval([c.state for c in cache])
+        mx.clear_cache()
+        if progress is not None:
+            progress(min(start + size, total), total)
+    return model.head(hidden[:, -1])
+
+
+def model_description(model) -> dict:
+    """What a saved state depends on: the base model's config (shapes, RoPE) and the titans section."""
+    base = {k: v for k, v in asdict(model.args).items() if k != "titans"}
+    return {"base": base, "titans": model.titans.to_section()}
+
+
+def _fingerprint(description: dict) -> str:
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_memory_state(path, model, cache: list) -> None:
+    """Write the window keys/values, offsets and memory states of `cache` to a safetensors file, atomically."""
+    path = Path(path)
+    flat = tree_flatten([{"keys": c.keys, "values": c.values, "unrotated": c.unrotated, "offset": c.offset,
+                          "shift": c.shift, "memory": c.memory} for c in cache])
+    description = model_description(model)
+    metadata = {
+        "format": STATE_FORMAT,
+        "fingerprint": _fingerprint(description),
+        "model": json.dumps(description, sort_keys=True),
+        "integers": json.dumps({k: v for k, v in flat if isinstance(v, int)}),
+    }
+    save_safetensors_atomic(path, {k: v for k, v in flat if isinstance(v, mx.array)}, metadata)
+
+
+def load_memory_state(path, model) -> list:
+    """A cache continuing exactly where `save_memory_state` stopped; refuses a state saved for another model."""
+    arrays, metadata = load_safetensors_checked(path, STATE_FORMAT, "TitansQwen memory state")
+    ours = model_description(model)
+    if metadata.get("fingerprint") != _fingerprint(ours):
+        saved, ours = dict(tree_flatten(json.loads(metadata["model"]))), dict(tree_flatten(ours))
+        differ = [k for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
+        raise ValueError(f"memory state {path} was saved for another model (differs in {', '.join(differ[:6])})")
+    layers = tree_unflatten([*arrays.items(), *json.loads(metadata["integers"]).items()])
+    cache = model.make_cache()
+    for c, saved in zip(cache, layers):
+        c.restore(saved.get("keys"), saved.get("values"), saved["offset"], saved["shift"], saved.get("unrotated"))
+        c.memory = saved.get("memory")
+    return cache

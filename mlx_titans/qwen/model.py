@@ -1,0 +1,174 @@
+"""TitansQwen: mlx-lm's Qwen2 / Qwen2.5 / Qwen3 with bounded attention and Titans neural memory layers.
+
+Built on mlx_lm.models.qwen2 / qwen3: the same modules and weight names (HF checkpoints load unchanged), the same
+lm_head / tied-embedding, sanitize and inner model, plus a "titans" section in config.json:
+
+    {"memory_layers": [3, 10, 17, 24], "window": 4096, "sink_tokens": 4, "segment_size": 2048,
+     "memory": {MemoryConfig fields except dim, which is hidden_size}}
+
+Attention sees the first `sink_tokens` tokens (StreamingLLM) and a window that slides once per segment: a token
+of segment k = t // segment_size sees the `window` tokens before the segment's start and the segment up to itself
+(between `window` and `window + segment_size` recent keys). So every call attends all the keys its cache holds under
+a plain causal mask, mlx-lm's fused attention path, and no (queries x keys) mask is ever built. RoPE positions stay
+bounded whatever the context length: in segment k a token at absolute index t sits at t - shift_k, with
+shift_k = max(0, k * segment_size - window - sink_tokens), and the sinks at 0..s-1 (the cache rotates its window's
+keys down once per segment). Distances inside the window are exact, no position exceeds
+segment_size + window + sink_tokens, and since a query's keys and positions depend only on its own index, any split
+of the input into calls gives the same outputs (calls are cut internally at segment boundaries). Until the first
+eviction every shift is 0: the model is then exactly the base model.
+
+Memory layers, after the attention residual:  h = h + memory_gate * NeuralMemory(post_attention_layernorm(h)).
+memory_gate is per channel and starts at 0, so an untrained memory leaves the base model's outputs exactly unchanged.
+Memory weights stay float32 and unquantized; converted models keep them in titans_memory.safetensors, beside
+mlx-lm's model*.safetensors, which stock mlx-lm loads as the plain Qwen.
+"""
+
+import functools
+import importlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from ..neural_memory import MemoryConfig, NeuralMemory
+from .cache import TitansCache
+from .config import QWEN_TYPES, TitansQwenConfig
+
+
+def is_memory_weight(name: str) -> bool:
+    """model.layers.N.memory.* and model.layers.N.memory_gate: float32, never quantized, in MEMORY_WEIGHTS."""
+    return ".memory" in name
+
+
+def memory_weights(model) -> dict:
+    return {k: v for k, v in tree_flatten(model.parameters()) if is_memory_weight(k)}
+
+
+def window_attention(attn, x, mask, cache: TitansCache):
+    """mlx-lm's Qwen2/Qwen3 attention over a TitansCache, with RoPE at the cache's bounded positions."""
+    B, L, _ = x.shape
+    queries = attn.q_proj(x).reshape(B, L, attn.n_heads, -1)
+    keys = attn.k_proj(x).reshape(B, L, attn.n_kv_heads, -1)
+    values = attn.v_proj(x).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    if "q_norm" in attn:  # Qwen3
+        queries, keys = attn.q_norm(queries), attn.k_norm(keys)
+    queries = attn.rope(queries.transpose(0, 2, 1, 3), offset=cache.offset - cache.position_shift())
+    keys, values = cache.update_and_fetch(keys.transpose(0, 2, 1, 3), values, attn.rope)
+    out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=attn.scale, mask=mask)
+    return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+@mx.compile
+def gated_residual(h, gate, read):
+    """h + gate * read in h's dtype: one fused kernel where the op-by-op form launches three (decode is
+    launch bound)."""
+    return h + (gate * read).astype(h.dtype)
+
+
+class MemoryBlock:
+    """Mixed into mlx-lm's TransformerBlock: windowed attention, then (in memory layers) the gated memory read."""
+
+    def __init__(self, args, memory: Optional[MemoryConfig]):
+        super().__init__(args)
+        if memory is not None:
+            self.memory = NeuralMemory(memory)
+            self.memory_gate = mx.zeros((args.hidden_size,))
+            # the read's modules as implicit inputs (their weights as they are at each call), not the whole
+            # block's: fewer arrays to flatten per call, and decode is host bound
+            self._read_step = mx.compile(self._read_step_eager,
+                                         inputs=[self.memory.state, self.post_attention_layernorm.state])
+
+    def __call__(self, x, mask, cache: TitansCache):
+        h = x + window_attention(self.self_attn, self.input_layernorm(x), mask, cache)
+        if "memory" in self:
+            h = self._memory_residual(h, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def _memory_residual(self, h, cache: TitansCache):
+        """h + memory_gate * memory(post_attention_layernorm(h)). A call that completes no memory chunk (63 decode
+        steps in 64) runs as one compiled graph: decode is bound by kernel launches and Python calls per token."""
+        state, n = cache.memory, h.shape[1]
+        if state is None or self.memory.completes_chunk(state, n):
+            read, cache.memory = self.memory(self.post_attention_layernorm(h), state)
+            return gated_residual(h, self.memory_gate, read)
+        h, remainder, conv = self._read_step(h, self.memory_gate, *self.memory.read_step_inputs(state))
+        cache.memory = self.memory.state_after_read(state, remainder, conv, n)
+        return h
+
+    def _read_step_eager(self, h, gate, weights, remainder, conv):
+        read, remainder, conv = self.memory.read_step(self.post_attention_layernorm(h), weights, remainder, conv)
+        return gated_residual(h, gate, read), remainder, conv
+
+
+class TitansQwen:
+    """Mixed into mlx-lm's qwen2/qwen3 Model (see `get_model_classes`); `model.titans` is the resolved section."""
+
+    block_class: type
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.titans = TitansQwenConfig.from_section(args.titans, args.num_hidden_layers, args.hidden_size)
+        self.model.layers = [
+            self.block_class(args, self.titans.memory if i in self.titans.memory_layers else None)
+            for i in range(args.num_hidden_layers)
+        ]
+
+    def __call__(self, inputs, cache=None, input_embeddings=None):
+        """Logits (batch, tokens, vocab); without a cache the input starts a new context."""
+        cache = self.make_cache() if cache is None else cache
+        return self.head(self.hidden(inputs, cache, input_embeddings))
+
+    def hidden(self, inputs, cache, input_embeddings=None):
+        """The final hidden states, the input cut at segment boundaries (one RoPE shift per call)."""
+        size, n = self.titans.segment_size, inputs.shape[1]
+        pieces, start = [], 0
+        while start < n:
+            end = min(n, start + size - (cache[0].offset % size if start == 0 else 0))
+            embeddings = None if input_embeddings is None else input_embeddings[:, start:end]
+            pieces.append(self.model(inputs[:, start:end], cache, embeddings))
+            start = end
+        return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=1)
+
+    def head(self, h):
+        """mlx-lm's Qwen output layer: the tied embedding or lm_head."""
+        return self.model.embed_tokens.as_linear(h) if self.args.tie_word_embeddings else self.lm_head(h)
+
+    def make_cache(self) -> list:
+        return [TitansCache(self.titans.sink_tokens, self.titans.window, self.titans.segment_size)
+                for _ in self.layers]
+
+    def sanitize(self, weights):
+        """mlx-lm's sanitize; memory weights the checkpoint lacks keep their initial values (gate closed)."""
+        return {**memory_weights(self), **super().sanitize(weights)}
+
+    def quant_predicate(self, path, module):
+        return not is_memory_weight(path)
+
+    def cast_predicate(self, name):
+        return not is_memory_weight(name)
+
+
+@functools.cache
+def _classes(model_type: str):
+    base = importlib.import_module(f"mlx_lm.models.{model_type}")
+
+    @dataclass
+    class ModelArgs(base.ModelArgs):
+        titans: dict = field(default_factory=dict)
+
+    class TransformerBlock(MemoryBlock, base.TransformerBlock):
+        pass
+
+    class Model(TitansQwen, base.Model):
+        block_class = TransformerBlock
+
+    return Model, ModelArgs
+
+
+def get_model_classes(config: dict):
+    """(Model, ModelArgs) for mlx_lm.utils.load_model: TitansQwen on mlx-lm's qwen2 or qwen3."""
+    if config.get("model_type") not in QWEN_TYPES:
+        raise ValueError(f"TitansQwen supports model_type qwen2 and qwen3, not {config.get('model_type')!r}")
+    return _classes(config["model_type"])
+
