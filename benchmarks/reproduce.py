@@ -50,7 +50,7 @@ from benchmarks.niah import accuracy, plot
 from mlx_titans import train
 from mlx_titans.data import random_windows, split_files, token_stream, valid_windows
 from mlx_titans.files import write_json_atomic
-from mlx_titans.model import TitansConfig, TitansLM, load_model
+from mlx_titans.model import TitansLMConfig, TitansLM, load_model
 from mlx_titans.tasks import FIRST_SYMBOL, make_batch
 from mlx_titans.tokenizer import load_tokenizer
 
@@ -156,18 +156,18 @@ def vocab_size(args) -> int:
     return load_tokenizer(args.tokenizer).get_vocab_size() + FIRST_SYMBOL
 
 
-def model_config(args, name: str, vocab: int) -> TitansConfig:
+def model_config(args, name: str, vocab: int) -> TitansLMConfig:
     run = RUNS[name]
-    return TitansConfig(variant=run["variant"], vocab_size=vocab, dim=args.dim, layers=args.layers, heads=args.heads,
+    return TitansLMConfig(variant=run["variant"], vocab_size=vocab, dim=args.dim, layers=args.layers, heads=args.heads,
                         window=args.window, persistent_tokens=args.persistent_tokens,
                         memory={**args.memory, **run.get("memory", {})})
 
 
-def count_parameters(config: TitansConfig) -> int:
+def count_parameters(config: TitansLMConfig) -> int:
     return TitansLM(config).num_parameters()  # the weights are lazy: never computed
 
 
-def matched_config(args, name: str, vocab: int) -> TitansConfig:
+def matched_config(args, name: str, vocab: int) -> TitansLMConfig:
     """The run's config with the feed-forward width (a multiple of 32) whose parameter count is nearest the MAC's."""
     target = count_parameters(model_config(args, "mac", vocab))
     config = model_config(args, name, vocab)
@@ -188,7 +188,7 @@ def settings(args) -> dict:
     return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in where}))
 
 
-def train_settings(args, config: TitansConfig, out: Path) -> dict:
+def train_settings(args, config: TitansLMConfig, out: Path) -> dict:
     """mlx_titans.train's settings for one run: the mixture as a synthetic task, a checkpoint every CHECKPOINT_EVERY
     steps (the last two kept) so that a run stopped half-way resumes."""
     return {

@@ -1,6 +1,6 @@
 """TitansLM: a decoder-only language model of Titans blocks (or the baselines), with a JSON config and save/load.
 
-    model = TitansLM(TitansConfig(variant="mac", vocab_size=4096, dim=256, layers=4, heads=4, window=256))
+    model = TitansLM(TitansLMConfig(variant="mac", vocab_size=4096, dim=256, layers=4, heads=4, window=256))
     logits = model(tokens)                              # (batch, n) -> (batch, n, vocab)
     cache = model.make_cache(); logits = model(tokens, cache)   # streaming / cached decoding
 """
@@ -24,7 +24,7 @@ from .neural_memory import MemoryConfig
 
 
 @dataclass
-class TitansConfig:
+class TitansLMConfig:
     variant: str = "mac"
     vocab_size: int = 4096
     dim: int = 256
@@ -53,13 +53,13 @@ class TitansConfig:
         MemoryConfig.from_dict({"dim": self.dim, **self.memory})  # validate early
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TitansConfig":
+    def from_dict(cls, d: dict) -> "TitansLMConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class TitansLM(nn.Module):
-    def __init__(self, config: TitansConfig):
+    def __init__(self, config: TitansLMConfig):
         super().__init__()
         self.config = c = config
         memory = MemoryConfig.from_dict({"dim": c.dim, **c.memory})
@@ -124,14 +124,14 @@ def load_model(path, memory: Optional[dict] = None) -> TitansLM:
     config = json.loads((path / "config.json").read_text())
     if config.get("model_type") != "titans":
         raise ValueError(f"{path} is not a TitansLM checkpoint (model_type {config.get('model_type')!r})")
-    model = TitansLM(TitansConfig.from_dict({**config, "memory": {**config.get("memory", {}), **(memory or {})}}))
+    model = TitansLM(TitansLMConfig.from_dict({**config, "memory": {**config.get("memory", {}), **(memory or {})}}))
     model.load_weights(str(path / "model.safetensors"))
     model.set_dtype(mx.float32)  # weights may be stored in half precision; the memory's updates run in float32
     mx.eval(model.parameters())
     return model
 
 
-def _fingerprint(config: TitansConfig) -> str:
+def _fingerprint(config: TitansLMConfig) -> str:
     return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from .data import load_task_source, random_windows, shard, split_files, token_stream, valid_windows
 from .files import write_json_atomic
-from .model import TitansConfig, TitansLM, save_model
+from .model import TitansLMConfig, TitansLM, save_model
 from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 MODEL_KEYS = ("variant", "dim", "layers", "heads", "mlp_dim", "window", "persistent_tokens", "memory", "memory_layers")
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(flag, help, default=None, **kw):
         dest = flag[2:].replace("-", "_")
-        default = default if default is not None else DEFAULTS.get(dest, getattr(TitansConfig, dest, None))
+        default = default if default is not None else DEFAULTS.get(dest, getattr(TitansLMConfig, dest, None))
         parser.add_argument(flag, help=help if default is None else f"{help} (default: {default})", **kw)
 
     add("--config", "JSON file of settings, keys as the flags' names with underscores")
@@ -180,8 +180,8 @@ def check_config(c: dict, world_size: int) -> None:
         raise ValueError(f"{c['out']} already holds checkpoints: --resume {c['out']} continues, or pick another --out")
 
 
-def model_config(c: dict, vocab_size: int) -> TitansConfig:
-    return TitansConfig(vocab_size=vocab_size, **{k: c[k] for k in MODEL_KEYS if k in c})
+def model_config(c: dict, vocab_size: int) -> TitansLMConfig:
+    return TitansLMConfig(vocab_size=vocab_size, **{k: c[k] for k in MODEL_KEYS if k in c})
 
 
 def barrier(group) -> None:

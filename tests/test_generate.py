@@ -5,7 +5,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from mlx_titans.generate import main
-from mlx_titans.model import TitansConfig, TitansLM, save_model
+from mlx_titans.model import TitansLMConfig, TitansLM, save_model
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def checkpoint(tmp_path_factory):
     tok.decoder = decoders.ByteLevel()
     tok.save(str(root / "tokenizer.json"))
     mx.random.seed(0)
-    model = TitansLM(TitansConfig(variant="mac", vocab_size=256, dim=32, layers=2, heads=2, window=8,
+    model = TitansLM(TitansLMConfig(variant="mac", vocab_size=256, dim=32, layers=2, heads=2, window=8,
                                   memory=dict(chunk_size=4)))
     save_model(root / "mac", model, tokenizer_file=root / "tokenizer.json")
     return root
@@ -58,7 +58,7 @@ def test_bad_inputs_give_one_line_and_nonzero_exit(checkpoint, capsys, tmp_path)
     model = checkpoint / "mac"
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / "empty.txt").write_text("   ")
-    other = TitansLM(TitansConfig(variant="swa", vocab_size=256, dim=32, layers=1, heads=2, window=8))
+    other = TitansLM(TitansLMConfig(variant="swa", vocab_size=256, dim=32, layers=1, heads=2, window=8))
     save_model(tmp_path / "other", other, tokenizer_file=checkpoint / "tokenizer.json")
     run(capsys, "--model", tmp_path / "other", "-p", "x", "-m", "0", "--memory-state-out", tmp_path / "o.st")
     cases = [

@@ -4,7 +4,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_titans.blocks import VARIANTS
-from mlx_titans.model import TitansConfig, TitansLM, load_model, save_model
+from mlx_titans.model import TitansLMConfig, TitansLM, load_model, save_model
 
 VOCAB = 97
 
@@ -16,7 +16,7 @@ def make(variant, **kw):
     cfg.update(kw)
     if variant in ("swa", "transformer"):
         cfg.pop("memory")
-    return TitansLM(TitansConfig(**cfg))
+    return TitansLM(TitansLMConfig(**cfg))
 
 
 def tokens(n, b=2, seed=1):
@@ -106,13 +106,13 @@ def test_save_load_round_trip(tmp_path):
 
 def test_bad_configs():
     with pytest.raises(ValueError, match="variant"):
-        TitansConfig(variant="mad")
+        TitansLMConfig(variant="mad")
     with pytest.raises(ValueError, match="every layer"):
-        TitansConfig(variant="lmm", layers=2, memory_layers=[0])
+        TitansLMConfig(variant="lmm", layers=2, memory_layers=[0])
     with pytest.raises(ValueError, match="baseline"):
-        TitansConfig(variant="swa", memory_layers=[0])
+        TitansLMConfig(variant="swa", memory_layers=[0])
     with pytest.raises(ValueError, match="unknown fields"):
-        TitansConfig(memory={"chunk": 4})
+        TitansLMConfig(memory={"chunk": 4})
     with pytest.raises(ValueError, match=r"\(batch, n\)"):
         make("swa")(mx.zeros((5,), dtype=mx.int32))
 

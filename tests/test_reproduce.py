@@ -158,11 +158,11 @@ def gradient_norm(variant: str, memory: dict = None) -> float:
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from mlx_titans.model import TitansConfig, TitansLM
+    from mlx_titans.model import TitansLMConfig, TitansLM
     from mlx_titans.tasks import make_batch
 
     mx.random.seed(0)
-    model = TitansLM(TitansConfig(variant=variant, vocab_size=64, dim=64, layers=2, heads=2, window=32,
+    model = TitansLM(TitansLMConfig(variant=variant, vocab_size=64, dim=64, layers=2, heads=2, window=32,
                                   memory=memory or {}))
     x, y, m = (mx.array(a) for a in make_batch("passkey", 4, 256, np.random.default_rng(0), 64))
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from benchmarks.niah import accuracy, logits_in_blocks, main
-from mlx_titans.model import TitansConfig, TitansLM, load_model, save_model
+from mlx_titans.model import TitansLMConfig, TitansLM, load_model, save_model
 from mlx_titans.tasks import DIGITS, HEX, NEEDLE, QUERY, TASKS, answered, make_batch
 
 
@@ -47,7 +47,7 @@ def test_answered_and_errors():
 
 def test_block_evaluation_equals_one_pass_and_cli(tmp_path):
     mx.random.seed(0)
-    model = TitansLM(TitansConfig(variant="mag", vocab_size=128, dim=32, layers=2, heads=2, window=8,
+    model = TitansLM(TitansLMConfig(variant="mag", vocab_size=128, dim=32, layers=2, heads=2, window=8,
                                   memory=dict(chunk_size=4)))
     inputs = mx.array(make_batch("passkey", 2, 50, np.random.default_rng(1), 128)[0])
     assert mx.allclose(logits_in_blocks(model, inputs, 16), model(inputs), atol=5e-4)  # BLAS summation order
