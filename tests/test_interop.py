@@ -93,7 +93,7 @@ def test_unsupported_options_are_refused():
 
 
 def test_converter_cli_round_trip(tmp_path, capsys):
-    from convert.titans_pytorch import main
+    from mlx_titans.interop import main
 
     from mlx_titans import NeuralMemory
 
