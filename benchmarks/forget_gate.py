@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from benchmarks.machine import device_name
 from benchmarks.niah import accuracy, logits_in_blocks
-from benchmarks.reproduce import NIAH_BLOCK, load_tokens, token_files
+from benchmarks.reproduce import NIAH_BLOCK, token_files
+from mlx_titans.data import load_tokens
 from mlx_titans.files import write_json_atomic
 from mlx_titans.model import load_model
 from mlx_titans.tasks import NEEDLE, QUERY, make_batch

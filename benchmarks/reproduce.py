@@ -38,7 +38,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import replace
-from functools import cache
 from pathlib import Path
 
 import mlx.core as mx
@@ -48,10 +47,10 @@ from tqdm import tqdm
 from benchmarks.machine import GPUs, device_name, log_tail, run_logged
 from benchmarks.niah import accuracy, plot
 from mlx_titans import train
-from mlx_titans.data import random_windows, split_files, token_stream, valid_windows
+from mlx_titans.data import load_tokens, mixed_batch, split_files, token_stream, valid_windows
 from mlx_titans.files import write_json_atomic
 from mlx_titans.model import TitansLMConfig, TitansLM, load_model
-from mlx_titans.tasks import FIRST_SYMBOL, make_batch
+from mlx_titans.tasks import FIRST_SYMBOL
 from mlx_titans.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,41 +99,6 @@ MIXTURE = ("trained on a mixture: per batch, a needle_fraction share of rows are
            "the answer tokens, weighted so that a needle row weighs as much as a full row), the rest plain "
            "language-modelling windows of the books; text token ids are the tokenizer's shifted past the task's "
            "markers and digits")
-
-
-@cache
-def load_tokens(path: str) -> np.ndarray:
-    return np.load(path, mmap_mode="r")
-
-
-@cache
-def text_vocab(path: str) -> int:
-    """One more than the largest token id in the stream."""
-    return int(load_tokens(path).max()) + 1
-
-
-def needle_row(task, length, rng, vocab, stream):
-    inputs, targets, answer = make_batch(task, 1, length, rng, vocab, stream)
-    return inputs, targets, (answer * (length / answer.sum())).astype(np.float32)
-
-
-def mixed_batch(task, batch, length, rng, vocab, tokens, needle_fraction=0.5):
-    """A task source for mlx_titans.train: round(batch x needle_fraction) S-NIAH rows, their task drawn uniformly
-    per row from `task` (comma-separated), their haystack from the token stream `tokens` (a .npy file) and their
-    answer tokens weighing length / answer tokens each; then windows of the stream, every token weighing 1. Text ids
-    are shifted by FIRST_SYMBOL, so `vocab` is the text's vocabulary + FIRST_SYMBOL."""
-    if not 0 <= needle_fraction <= 1:
-        raise ValueError(f"needle_fraction must be in [0, 1], got {needle_fraction}")
-    if vocab < FIRST_SYMBOL + text_vocab(str(tokens)):
-        raise ValueError(f"vocab {vocab} is too small for {tokens}: its ids need {FIRST_SYMBOL} + "
-                         f"{text_vocab(str(tokens))}")
-    stream, tasks = load_tokens(str(tokens)), task.split(",")
-    needles = round(batch * needle_fraction)
-    rows = [needle_row(tasks[rng.integers(len(tasks))], length, rng, vocab, stream) for _ in range(needles)]
-    if needles < batch:
-        inputs, targets, mask = random_windows(stream, batch - needles, length, rng)
-        rows.append((inputs + FIRST_SYMBOL, targets + FIRST_SYMBOL, mask))
-    return tuple(np.concatenate(parts) for parts in zip(*rows))
 
 
 def token_files(work) -> dict:
@@ -195,7 +159,7 @@ def train_settings(args, config: TitansLMConfig, out: Path) -> dict:
         **{key: getattr(config, key) for key in train.MODEL_KEYS},
         "vocab_size": config.vocab_size,
         "task": ",".join(args.tasks),
-        "task_source": "benchmarks.reproduce:mixed_batch",
+        "task_source": "mlx_titans.data:mixed_batch",
         "task_kwargs": {"tokens": str(token_files(args.work)["train"].resolve()),
                         "needle_fraction": args.needle_fraction},
         "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
@@ -222,7 +186,7 @@ def run_one(args, name: str) -> None:
         write_json_atomic(config_file, wanted)
     else:
         print(f"{name}: resuming from {resume}", flush=True)
-    summary = train.main(["--config", str(config_file), *(["--resume", str(resume)] if resume else [])])
+    summary = train.train(train.resolve_config({**wanted, "resume": None if resume is None else str(resume)}))
 
     tic = time.perf_counter()
     model = load_model(summary["checkpoint"])

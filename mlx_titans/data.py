@@ -1,4 +1,5 @@
-"""Training data: text folders to token streams, random training windows, a fixed validation set, synthetic tasks.
+"""Training data: text folders to token streams, random training windows, a fixed validation set, synthetic tasks,
+and mixtures of needle samples hidden in book text with plain text windows (benchmarks/reproduce.py's training data).
 
 Every source gives global batches `(inputs, targets, loss_mask)` of numpy arrays, each (batch, length); under
 data parallelism each process trains on its own rows of the global batch (`shard`).
@@ -7,10 +8,12 @@ data parallelism each process trains on its own rows of the global batch (`shard
 import hashlib
 import importlib
 import os
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 
+from .tasks import FIRST_SYMBOL, make_batch
 from .tokenizer import EOS, read_text
 
 
@@ -71,6 +74,43 @@ def valid_windows(tokens, batch: int, length: int, max_batches: int) -> list:
                          f"{batch} x {length + 1}")
     starts = np.arange(n * batch).reshape(n, batch) * (windows // (n * batch)) * length
     return [_as_batch(np.stack([tokens[s : s + length + 1] for s in row])) for row in starts]
+
+
+@cache
+def load_tokens(path: str) -> np.ndarray:
+    """A token stream saved as .npy, memory-mapped (once per process)."""
+    return np.load(path, mmap_mode="r")
+
+
+@cache
+def text_vocab(path: str) -> int:
+    """One more than the largest token id in the stream."""
+    return int(load_tokens(path).max()) + 1
+
+
+def needle_row(task, length, rng, vocab, stream):
+    """One S-NIAH sample in the stream's text, its answer tokens weighing length / answer tokens each."""
+    inputs, targets, answer = make_batch(task, 1, length, rng, vocab, stream)
+    return inputs, targets, (answer * (length / answer.sum())).astype(np.float32)
+
+
+def mixed_batch(task, batch, length, rng, vocab, tokens, needle_fraction=0.5):
+    """A task source for mlx_titans.train: round(batch x needle_fraction) S-NIAH rows, their task drawn uniformly
+    per row from `task` (comma-separated), their haystack from the token stream `tokens` (a .npy file) and their
+    answer tokens weighing length / answer tokens each; then windows of the stream, every token weighing 1. Text ids
+    are shifted by FIRST_SYMBOL, so `vocab` is the text's vocabulary + FIRST_SYMBOL."""
+    if not 0 <= needle_fraction <= 1:
+        raise ValueError(f"needle_fraction must be in [0, 1], got {needle_fraction}")
+    if vocab < FIRST_SYMBOL + text_vocab(str(tokens)):
+        raise ValueError(f"vocab {vocab} is too small for {tokens}: its ids need {FIRST_SYMBOL} + "
+                         f"{text_vocab(str(tokens))}")
+    stream, tasks = load_tokens(str(tokens)), task.split(",")
+    needles = round(batch * needle_fraction)
+    rows = [needle_row(tasks[rng.integers(len(tasks))], length, rng, vocab, stream) for _ in range(needles)]
+    if needles < batch:
+        inputs, targets, mask = random_windows(stream, batch - needles, length, rng)
+        rows.append((inputs + FIRST_SYMBOL, targets + FIRST_SYMBOL, mask))
+    return tuple(np.concatenate(parts) for parts in zip(*rows))
 
 
 def load_task_source(spec: str):

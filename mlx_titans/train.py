@@ -141,10 +141,17 @@ def find_checkpoint(path) -> Path:
     return found[-1]
 
 
-def resolve_config(argv=None) -> dict:
+def parse_settings(argv=None) -> dict:
+    """A command line's settings: the --config file's, and the flags over them."""
     flags = vars(build_parser().parse_args(argv))
     from_file = read_settings(flags.pop("config")) if "config" in flags else {}
-    resume = flags.get("resume", from_file.get("resume"))
+    return {**from_file, **flags}
+
+
+def resolve_config(settings: dict) -> dict:
+    """A run's whole config: the defaults < the resumed run's settings (settings["resume"]: a checkpoint, or a run
+    folder for its newest) < `settings`."""
+    resume = settings.get("resume")
     saved = {}
     if resume:
         checkpoint = find_checkpoint(resume)
@@ -152,13 +159,16 @@ def resolve_config(argv=None) -> dict:
         saved["resume"] = str(checkpoint)
         if (checkpoint / "tokenizer.json").is_file():
             saved["tokenizer"] = str(checkpoint / "tokenizer.json")
-    config = {**DEFAULTS, **saved, **from_file, **flags}
+    config = {**DEFAULTS, **saved, **settings}
     if resume:
         config["resume"] = saved["resume"]
     return config
 
 
 def check_config(c: dict, world_size: int) -> None:
+    unknown = set(c) - set(DEFAULTS) - set(MODEL_KEYS)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}")
     if not c["out"]:
         raise ValueError("--out DIR is required")
     if (c["data"] is None) == (c["task"] is None):
@@ -334,7 +344,8 @@ def save_checkpoint(run: Run, step: int) -> Path:
     return path
 
 
-def train(run: Run) -> dict:
+def train_steps(run: Run) -> dict:
+    """Train from run.step to the config's steps; the summary."""
     c, model, optimizer, group = run.config, run.model, run.optimizer, run.group
     rank, size = group.rank(), group.size()
     step_fn = make_train_step(model, optimizer, DTYPES[c["dtype"]], c["grad_clip"], group)
@@ -388,15 +399,23 @@ def train(run: Run) -> dict:
     }
 
 
+def train(config: dict) -> dict:
+    """Train a TitansLM: `config` is resolve_config's (settings over the defaults), the summary comes back and goes
+    to OUT/summary.json. Bad settings or inputs raise ValueError or FileNotFoundError before the first step."""
+    run = setup(config)
+    summary = train_steps(run)
+    if run.group.rank() == 0:
+        write_json_atomic(Path(config["out"]) / "summary.json", summary)
+    return summary
+
+
 def main(argv=None) -> dict:
     try:
-        run = setup(resolve_config(argv))
+        summary = train(resolve_config(parse_settings(argv)))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    summary = train(run)
-    if run.group.rank() == 0:
-        write_json_atomic(Path(run.config["out"]) / "summary.json", summary)
+    if mx.distributed.init().rank() == 0:
         print(json.dumps(summary), flush=True)
     return summary
 

@@ -6,10 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.reproduce import RUNS, build_parser, count_parameters, matched_config, mixed_batch, model_config
+from benchmarks.reproduce import RUNS, build_parser, count_parameters, matched_config, model_config
 from benchmarks.reproduce import main as reproduce
 from benchmarks.machine import GPUs
 from benchmarks.reproduce import run_child, settings
+from mlx_titans.data import mixed_batch
 from mlx_titans.tasks import FIRST_SYMBOL, NEEDLE, QUERY
 
 TEXT_VOCAB = 200

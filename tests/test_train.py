@@ -12,7 +12,7 @@ import pytest
 from mlx_titans.data import random_windows, shard, split_files, valid_windows
 from mlx_titans.model import load_model
 from mlx_titans.tokenizer import EOS, load_tokenizer, save_tokenizer, train_tokenizer
-from mlx_titans.train import main, resolve_config, save_checkpoint, setup
+from mlx_titans.train import main, parse_settings, resolve_config, save_checkpoint, setup
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore.\n"
@@ -88,7 +88,7 @@ def test_resume_continues_exactly(corpus, tmp_path):
 
 def test_checkpoint_is_written_atomically(corpus, tmp_path, monkeypatch):
     argv = ["--data", str(corpus), "--tokenizer", str(corpus.parent / "tokenizer.json"), "--out", str(tmp_path), *TINY]
-    training = setup(resolve_config(argv))
+    training = setup(resolve_config(parse_settings(argv)))
     save = mx.save_safetensors
 
     def disk_full_on_optimizer(path, arrays, *args, **kwargs):
