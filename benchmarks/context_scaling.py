@@ -16,7 +16,6 @@ memory runs out. Output: one mlx_lm.benchmark-style line per measurement, a JSON
 
 import argparse
 import gc
-import importlib
 import json
 import sys
 import time
@@ -25,49 +24,15 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.utils import load_model, quantize_model
+from mlx_lm.utils import load_model
 
 from benchmarks import cost_model
 from benchmarks.machine import device_name
-from convert.qwen import cast
 from mlx_titans.files import write_json_atomic
-from mlx_titans.qwen import TitansQwenConfig, build_model, get_model_classes, read_qwen_config
+from mlx_titans.qwen import TitansQwenConfig, build_model, read_qwen_config
+from mlx_titans.qwen.random_model import PRESETS, preset_config, random_model
 
-PRESETS = {  # the shapes of the Hugging Face configs
-    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, intermediate_size=4864,
-                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, num_hidden_layers=28, intermediate_size=18944,
-                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, num_hidden_layers=36, intermediate_size=12288,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                     tie_word_embeddings=False),
-    "tiny": dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
-}
-COMMON = dict(rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768)
 DEFAULT_CONTEXTS = [1 << k for k in range(10, 20)]  # 1K .. 512K
-
-
-def preset_config(name: str) -> dict:
-    return {**COMMON, **PRESETS[name]}
-
-
-def random_model(config: dict, method: str, titans: dict, bits, group_size: int, dtype: str):
-    """A model of the config's shapes with random weights, cast and quantized as convert/qwen.py does."""
-    if method == "titans":
-        model_class, args_class = get_model_classes(config)
-        args = args_class.from_dict({**config, "titans": titans})
-    else:
-        base = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
-        model_class, args_class = base.Model, base.ModelArgs
-        args = args_class.from_dict(config)
-    mx.random.seed(0)
-    model = model_class(args)
-    cast(model, dtype)
-    if bits:
-        model, _ = quantize_model(model, config, group_size, bits)
-    mx.eval(model.parameters())
-    return model
 
 
 def make_cache(model, method: str, max_kv_size: int):
@@ -247,7 +212,8 @@ def load_model_for(method, args, config, titans, path):
     """The method's model: random weights of the preset's shapes, or the converted directory's."""
     if path is None:
         bits = args.q_bits if args.quantize else None
-        return random_model(config, method, titans, bits, args.q_group_size, args.dtype)
+        return random_model(config, titans if method == "titans" else None, bits, args.q_group_size,
+                            args.dtype)
     return build_model(path, titans)[0] if method == "titans" else load_model(path)[0]
 
 

@@ -153,7 +153,7 @@ class QwenRunner:
 
 def converted_from_hub(hub_id: str) -> Path:
     """A Hub id is downloaded and converted (4-bit) once, into ~/.cache/mlx-titans (or $MLX_TITANS_CACHE)."""
-    from convert.qwen import convert
+    from .qwen.convert import convert
 
     root = Path(os.environ.get("MLX_TITANS_CACHE", Path.home() / ".cache" / "mlx-titans"))
     out = root / (hub_id.replace("/", "--") + "-4bit")

@@ -8,8 +8,9 @@ from mlx.utils import tree_flatten
 
 from benchmarks import context_scaling, cost_model, decode_speed
 from mlx_titans.qwen import TitansQwenConfig
+from mlx_titans.qwen.random_model import preset_config, random_model
 
-TINY_QWEN3 = {**context_scaling.preset_config("tiny"), "model_type": "qwen3", "head_dim": 32,
+TINY_QWEN3 = {**preset_config("tiny"), "model_type": "qwen3", "head_dim": 32,
               "tie_word_embeddings": False}
 
 
@@ -18,21 +19,21 @@ def section(config, **overrides):
                                       **overrides}, config["num_hidden_layers"], config["hidden_size"]).to_section()
 
 
-@pytest.mark.parametrize("config", [context_scaling.preset_config("tiny"), TINY_QWEN3], ids=["qwen2-tied", "qwen3"])
+@pytest.mark.parametrize("config", [preset_config("tiny"), TINY_QWEN3], ids=["qwen2-tied", "qwen3"])
 @pytest.mark.parametrize("method", ["titans", "full"])
 @pytest.mark.parametrize("bits", [4, None])
 def test_weight_bytes_equal_the_built_model(config, method, bits):
     titans = section(config, memory={"heads": 2, "dim_head": 16, "conv_size": 4, "qk_rmsnorm": True})
-    model = context_scaling.random_model(config, method, titans, bits, 64, "bfloat16")
+    model = random_model(config, titans if method == "titans" else None, bits, 64, "bfloat16")
     actual = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
     assert cost_model.weight_bytes(config, method, titans, bits, 64) == actual
 
 
 def test_titans_decode_attends_what_the_model_says():
     """Averaged over a segment of decode steps, TitansCache holds the keys cost_model.attended counts."""
-    config = context_scaling.preset_config("tiny")
+    config = preset_config("tiny")
     titans = section(config, window=32, sink_tokens=4, segment_size=16)
-    model = context_scaling.random_model(config, "titans", titans, None, 64, "float32")
+    model = random_model(config, titans, None, 64, "float32")
     cache = model.make_cache()
     model(mx.zeros((1, 64), dtype=mx.int32), cache)  # a segment boundary, far beyond the window
     sizes = []
@@ -45,7 +46,7 @@ def test_titans_decode_attends_what_the_model_says():
 
 def test_kv_bytes_per_token_equal_a_full_cache():
     config = TINY_QWEN3
-    model = context_scaling.random_model(config, "full", {}, None, 64, "bfloat16")
+    model = random_model(config, None, None, 64, "bfloat16")
     cache = context_scaling.make_cache(model, "full", 4096)
     model(mx.zeros((1, 100), dtype=mx.int32), cache)
     held = sum(c.keys[..., : c.offset, :].nbytes + c.values[..., : c.offset, :].nbytes for c in cache)
@@ -53,14 +54,14 @@ def test_kv_bytes_per_token_equal_a_full_cache():
 
 
 def test_costs_grow_with_context_only_for_the_full_cache():
-    config = context_scaling.preset_config("qwen2.5-7b")
+    config = preset_config("qwen2.5-7b")
     titans = section(config)
     for method in cost_model.METHODS:
         short, long = (cost_model.decode_bytes(config, method, n, titans, 4096) for n in (8192, 524288))
         grows = cost_model.kv_bytes_per_token(config) * (524288 - 8192) if method == "full" else 0
         assert long - short == grows
     # the M3 Max reference: an 8B 4-bit model prefills 32K at ~428 tok/s, i.e. ~10.6 TFLOP/s of these FLOPs
-    flops = cost_model.prefill_flops(context_scaling.preset_config("qwen3-8b"), "full", 32768, titans, 4096)
+    flops = cost_model.prefill_flops(preset_config("qwen3-8b"), "full", 32768, titans, 4096)
     assert 380 < cost_model.M3_MAX["tflop_s"] * 1e12 / flops < 480
 
 
@@ -121,9 +122,9 @@ def test_decode_speed_rounds_and_ratios(tmp_path):
 
 
 def test_decode_speed_sync_steps_find_the_chunk_completing_ones(tmp_path):
-    config = context_scaling.preset_config("tiny")
+    config = preset_config("tiny")
     titans = section(config)  # chunks of 8
-    model = context_scaling.random_model(config, "titans", titans, None, 64, "float32")
+    model = random_model(config, titans, None, 64, "float32")
     cache = model.make_cache()
     model(mx.zeros((1, 20), dtype=mx.int32), cache)  # 4 tokens past the last completed chunk
     rows = decode_speed.sync_latencies(model, cache, config["vocab_size"], 14)
@@ -131,7 +132,7 @@ def test_decode_speed_sync_steps_find_the_chunk_completing_ones(tmp_path):
     assert cache[1].offset == 34 and all(ms > 0 for ms, _ in rows)
     fresh = decode_speed.sync_latencies(model, model.make_cache(), config["vocab_size"], 2)
     assert [completes for _, completes in fresh] == [True, False]  # a stream's first call takes it too
-    window = context_scaling.random_model(config, "titans", {**titans, "memory_layers": []}, None, 64, "float32")
+    window = random_model(config, {**titans, "memory_layers": []}, None, 64, "float32")
     assert not any(completes for _, completes in decode_speed.sync_latencies(window, window.make_cache(), 100, 3))
     assert decode_speed.sync_summary([(2.0, False), (9.0, True), (4.0, False), (3.0, False)]) == {
         "median_ms": 3.0, "chunk_ms": [9.0]}

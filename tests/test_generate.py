@@ -89,8 +89,8 @@ def test_unknown_hub_id_offline_is_one_line(capsys, monkeypatch, tmp_path):
 
 
 def test_titans_qwen_generation_and_state_round_trip(capsys, tmp_path):
-    from convert.qwen import convert
-    from tiny_qwen import make_tiny_qwen
+    from mlx_titans.qwen.convert import convert
+    from mlx_titans.qwen.random_model import make_tiny_qwen
 
     hf = make_tiny_qwen(tmp_path / "hf", "qwen2")
     convert(hf, tmp_path / "q", quantize=True, titans={"memory_layers": [1], "window": 16, "segment_size": 16,

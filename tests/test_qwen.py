@@ -17,11 +17,11 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.rope_utils import YarnRoPE
 from mlx_lm.utils import load_model
 
-import convert.qwen as converter
+import mlx_titans.qwen.convert as converter
 from mlx_titans.qwen import (
     TitansCache, get_model_classes, load, load_memory_state, memory_weights, prefill, save_memory_state,
 )
-from tiny_qwen import make_tiny_qwen
+from mlx_titans.qwen.random_model import make_tiny_qwen
 
 REPO = Path(__file__).resolve().parent.parent
 # small titans settings: chunk 8, so a few dozen tokens fill several memory chunks

@@ -1,19 +1,27 @@
-"""Tiny random Qwen2 / Qwen3 checkpoints in Hugging Face layout, built offline (numpy, tokenizers, safetensors).
+"""Qwen models with random weights, built offline: for tests, benchmarks and trying the converter without a download.
 
-    python tests/tiny_qwen.py OUT [qwen2|qwen3]
+    python -m mlx_titans.qwen.random_model OUT [qwen2|qwen3]      # a tiny checkpoint in Hugging Face layout
 
-A ByteLevel BPE tokenizer trained on a few sentences, float32 weights (std 0.02) under the HF names, config.json and
-generation_config.json as transformers writes them. hidden 64 and intermediate 128 keep every Linear divisible by the
-quantization group size 64.
+make_tiny_qwen writes a Hugging Face checkpoint (numpy, tokenizers, safetensors): a ByteLevel BPE tokenizer trained
+on a few sentences, float32 weights (std 0.02) under the HF names, config.json and generation_config.json as
+transformers writes them. Its defaults, hidden 64 and intermediate 128, keep every Linear divisible by the
+quantization group size 64. random_model builds a TitansQwen or a stock mlx-lm model in memory from a Qwen config,
+e.g. one of PRESETS (the shapes of real Hugging Face configs), cast and quantized as the converter does.
 """
 
+import importlib
 import json
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
+from mlx_lm.utils import quantize_model
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from . import get_model_classes
+from .convert import cast
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -90,6 +98,44 @@ def make_tiny_qwen(out, arch="qwen2", hidden=64, layers=2, heads=4, kv_heads=2, 
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, pad]}))
     return out
+
+
+PRESETS = {  # the shapes of the Hugging Face configs
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, intermediate_size=4864,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, num_hidden_layers=28, intermediate_size=18944,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, num_hidden_layers=36, intermediate_size=12288,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     tie_word_embeddings=False),
+    "tiny": dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
+}
+COMMON = dict(rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768)
+
+
+def preset_config(name: str) -> dict:
+    """The Qwen config of a preset: its shapes and the settings every preset shares."""
+    return {**COMMON, **PRESETS[name]}
+
+
+def random_model(config: dict, titans=None, bits=None, group_size: int = 64, dtype: str = "bfloat16"):
+    """A model of the Qwen config's shapes with random weights (seed 0): TitansQwen with the `titans` section, or
+    stock mlx-lm's model when `titans` is None; cast to `dtype` and quantized to `bits` as the converter does."""
+    if titans is not None:
+        model_class, args_class = get_model_classes(config)
+        args = args_class.from_dict({**config, "titans": titans})
+    else:
+        base = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+        model_class, args_class = base.Model, base.ModelArgs
+        args = args_class.from_dict(config)
+    mx.random.seed(0)
+    model = model_class(args)
+    cast(model, dtype)
+    if bits:
+        model, _ = quantize_model(model, config, group_size, bits)
+    mx.eval(model.parameters())
+    return model
 
 
 if __name__ == "__main__":
