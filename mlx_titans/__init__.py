@@ -1,6 +1,7 @@
 """mlx-titans: Titans neural long-term memory and its architectures in MLX."""
 
-from .neural_memory import MemoryConfig, NeuralMemory
-from .state import load_state, save_state
+from .files import load_state, save_state
+from .memory_config import MemoryConfig
+from .neural_memory import MemoryState, NeuralMemory
 
-__all__ = ["MemoryConfig", "NeuralMemory", "load_state", "save_state"]
+__all__ = ["MemoryConfig", "MemoryState", "NeuralMemory", "load_state", "save_state"]

@@ -16,7 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .attention import Attention, AttentionCache
-from .neural_memory import MemoryConfig, NeuralMemory
+from .memory_config import MemoryConfig
+from .neural_memory import NeuralMemory
 
 VARIANTS = ("mac", "mag", "mal", "lmm", "swa", "transformer")
 
@@ -36,7 +37,7 @@ class LayerCache(AttentionCache):
         arrays = super().state + ([] if self.retrieve_conv is None else [self.retrieve_conv])
         for s in (self.memory, self.memory_at_segment_start):
             if s is not None:
-                arrays += [v for v in _leaves(s)]
+                arrays += list(_leaves(s.arrays()))
         return arrays
 
 

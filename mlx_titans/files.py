@@ -1,12 +1,24 @@
-"""Writing files so that a failure or Ctrl-C never leaves a half-written one, and one-line CLI errors."""
+"""Files: writing so that a failure or Ctrl-C never leaves a half-written one, fingerprints of configs, a
+NeuralMemory's state files, and one-line CLI errors."""
 
+import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+MEMORY_STATE_FORMAT = "mlx-titans-memory-state/2"
+
+
+def fingerprint(obj) -> str:
+    """16 hex characters of the sha256 of obj as sorted JSON: equal for equal configs."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def save_safetensors_atomic(path, arrays: dict, metadata: dict) -> None:
@@ -20,6 +32,23 @@ def save_safetensors_atomic(path, arrays: dict, metadata: dict) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_folder(path):
+    """Yields a temporary folder beside `path` to write into; on success it replaces `path`, on failure (or Ctrl-C)
+    it is removed and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -61,3 +90,29 @@ def load_safetensors_checked(path, file_format: str, what: str):
     if found != file_format:
         raise ValueError(f"{path} is not a {what} file")
     return arrays, metadata
+
+
+def save_state(path, state, config) -> None:
+    """Write a NeuralMemory's MemoryState, with its MemoryConfig's fields and fingerprint, atomically."""
+    arrays = dict(tree_flatten(state.arrays()))
+    metadata = {
+        "format": MEMORY_STATE_FORMAT,
+        "config": json.dumps(config.to_dict(), sort_keys=True),
+        "fingerprint": config.fingerprint(),
+        "position": str(state.position),
+    }
+    save_safetensors_atomic(path, arrays, metadata)
+
+
+def load_state(path, config):
+    """The MemoryState written by `save_state`, refusing one saved from a memory with another config."""
+    from .neural_memory import MemoryState  # here, not above: neural_memory's config imports this module
+
+    arrays, metadata = load_safetensors_checked(path, MEMORY_STATE_FORMAT, "NeuralMemory state")
+    if metadata.get("fingerprint") != config.fingerprint():
+        saved = json.loads(metadata.get("config", "{}"))
+        ours = config.to_dict()
+        diff = {k: (saved.get(k), ours.get(k)) for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)}
+        detail = ", ".join(f"{k}: saved {a!r}, this memory {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"memory state {path} was saved by a memory with another config ({detail})")
+    return MemoryState.from_tree({**tree_unflatten(list(arrays.items())), "position": int(metadata["position"])})

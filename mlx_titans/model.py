@@ -5,11 +5,8 @@
     cache = model.make_cache(); logits = model(tokens, cache)   # streaming / cached decoding
 """
 
-import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -19,8 +16,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .blocks import VARIANTS, Block, LayerCache
-from .files import load_safetensors_checked, save_safetensors_atomic
-from .neural_memory import MemoryConfig
+from .files import atomic_folder, fingerprint, load_safetensors_checked, save_safetensors_atomic
+from .memory_config import MemoryConfig
+from .neural_memory import MemoryState
 
 
 @dataclass
@@ -95,10 +93,7 @@ class TitansLM(nn.Module):
 def save_model(path, model: TitansLM, tokenizer_file=None, dtype=None) -> None:
     """config.json + model.safetensors (+ tokenizer.json), written to a temporary folder renamed into place;
     `dtype` (e.g. mx.bfloat16) stores the weights in that type, halving the file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
+    with atomic_folder(path) as tmp:
         config = {"model_type": "titans", **asdict(model.config)}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         weights = dict(tree_flatten(model.parameters()))
@@ -107,12 +102,6 @@ def save_model(path, model: TitansLM, tokenizer_file=None, dtype=None) -> None:
         mx.save_safetensors(str(tmp / "model.safetensors"), weights)
         if tokenizer_file is not None:
             shutil.copy(tokenizer_file, tmp / "tokenizer.json")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_model(path, memory: Optional[dict] = None) -> TitansLM:
@@ -131,10 +120,6 @@ def load_model(path, memory: Optional[dict] = None) -> TitansLM:
     return model
 
 
-def _fingerprint(config: TitansLMConfig) -> str:
-    return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:16]
-
-
 CACHE_ARRAYS = ("keys", "values", "extra_keys", "extra_values", "retrieve_conv")
 
 
@@ -147,20 +132,20 @@ def save_cache(path, model: TitansLM, cache: list) -> None:
                 arrays[f"{i}.{name}"] = getattr(c, name)
         for name in ("memory", "memory_at_segment_start"):
             if getattr(c, name) is not None:
-                for key, value in tree_flatten(getattr(c, name)):
+                for key, value in tree_flatten(getattr(c, name).to_tree()):
                     if isinstance(value, mx.array):
                         arrays[f"{i}.{name}.{key}"] = value
                     else:
                         ints[f"{i}.{name}.{key}"] = value
         ints[f"{i}.start"], ints[f"{i}.offset"] = c.start, getattr(c, "offset", 0)
-    metadata = {"format": "mlx-titans-lm-cache/2", "fingerprint": _fingerprint(model.config), "ints": json.dumps(ints)}
+    metadata = {"format": "mlx-titans-lm-cache/2", "fingerprint": fingerprint(asdict(model.config)), "ints": json.dumps(ints)}
     save_safetensors_atomic(path, arrays, metadata)
 
 
 def load_cache(path, model: TitansLM) -> list:
     """Read a cache written by `save_cache`, refusing one from a model of another config."""
     arrays, metadata = load_safetensors_checked(path, "mlx-titans-lm-cache/2", "TitansLM memory state")
-    if metadata.get("fingerprint") != _fingerprint(model.config):
+    if metadata.get("fingerprint") != fingerprint(asdict(model.config)):
         raise ValueError(f"memory state {path} was written by a model with another config")
     flat = {**arrays, **json.loads(metadata["ints"])}
     cache = model.make_cache()
@@ -170,6 +155,6 @@ def load_cache(path, model: TitansLM) -> list:
             setattr(c, name, mine.get(name))
         for name in ("memory", "memory_at_segment_start"):
             items = [(k[len(name) + 1 :], v) for k, v in mine.items() if k.startswith(name + ".")]
-            setattr(c, name, tree_unflatten(items) if items else None)
+            setattr(c, name, MemoryState.from_tree(tree_unflatten(items)) if items else None)
         c.start, c.offset = mine["start"], mine["offset"]
     return cache

@@ -9,15 +9,22 @@ A memory MLP M_W is trained online, chunk by chunk, on the associative loss lr_t
 lr (theta) is per token and sits inside the loss; eta and alpha are per chunk, from the chunk's mean input.
 Every gradient of a chunk is taken at the weights at the start of its mini-batch: by default the chunk itself
 (the paper's mini-batch gradient descent); `batch_size` sets a longer mini-batch, and `batch_size=0` keeps
-titans-pytorch's default of taking every gradient at the initial weights.
+titans-pytorch's default of taking every gradient at the initial weights (the maths: memory_update.py).
 
-The call is `y, state = mem(x, state)`. Any split of a stream gives the outputs and final state of one call.
+The call is `y, state = mem(x, state)` with a MemoryState. Any split of a stream gives the outputs and final state
+of one call.
+
+Axes of the dense shapes here and in memory_update.py:
+    b    batch                       n    tokens of a call            dim  model width (x's last axis)
+    h    heads                       B    b * heads (heads split into the batch)
+    d    dim_head                    inner  heads * dim_head
+    c    chunk_size                  m    chunks a call completes     r    remainder: tokens not stored yet
+    o    momentum_order              K    conv_size
 """
 
-import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -25,193 +32,46 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .memory_model import init_memory_weights, memory_forward, memory_grads
-from .scan import momentum_decay_matrix, scan
-
-PARALLEL_BLOCK = 64  # chunks solved at once when they share a gradient reference (bounds the weights kept)
-SEQUENTIAL_BLOCK = 8  # chunks unrolled into one compiled step when each chunk moves the reference
+from .memory_config import MemoryConfig
+from .memory_model import init_memory_weights, memory_forward
+from .memory_update import PARALLEL_BLOCK, SEQUENTIAL_BLOCK, parallel_step, sequential_step
 
 
 @dataclass(frozen=True)
-class MemoryConfig:
-    dim: int
-    heads: int = 1
-    dim_head: Optional[int] = None  # default dim // heads
-    chunk_size: int = 64
-    batch_size: Optional[int] = None  # tokens per mini-batch (multiple of chunk_size); None: one chunk; 0: never
-    depth: int = 2  # 1 = linear memory
-    expansion: float = 4.0
-    residual_norm: bool = True  # M(x) = LN(MLP(x)) * (1 + gamma) + x
-    momentum: bool = True
-    momentum_order: int = 1
-    weight_decay: bool = True
-    channelwise_decay: bool = False  # alpha in [0, 1]^dim_head instead of a scalar per head
-    max_lr: float = 0.1
-    max_decay: float = 1.0  # alpha = max_decay * sigmoid(.): the most a chunk can forget (1 = the paper's [0, 1])
-    per_head_init: bool = True  # learned initial weights per head, or one shared by all heads
-    pre_norm: bool = True
-    qk_rmsnorm: bool = False
-    post_rmsnorm: bool = False
-    conv_size: int = 0  # the paper's short depthwise causal conv on q/k/v (4); 0 = none
-    qkv_silu: bool = False
-    qk_l2norm: bool = False
-    loss: str = "l2"  # or "huber"
-    huber_delta: float = 1.0
-    max_grad_norm: Optional[float] = None  # clamp each gradient tensor's norm per chunk: g * M / max(|g|, M)
-    norm_eps: float = 1e-6
-    init_lr_bias: Optional[float] = None
-    init_momentum_bias: Optional[float] = None
-    init_decay_bias: Optional[float] = None
+class MemoryState:
+    """A memory's stream state after `position` tokens.
 
-    def __post_init__(self):
-        def bad(msg):
-            raise ValueError(f"MemoryConfig: {msg}")
+    weights: {name: (B, ...)} the memory MLP's weights; remainder: the tokens not stored yet, {"inputs": (b, r, dim)}
+    and, once a call has had a store mask, {"store": (b, r)} their flags; momentum: {name: (o, B, ...)} (with
+    momentum); reference: the weights every gradient of the current mini-batch is taken at (batch_size other than
+    one chunk); conv: the convolution's caches (conv_size > 0), {"read": (b, K - 1, inner)} the queries' inputs
+    after the last token and {"store": (b, K - 1, 2 * inner)} the keys' and values' after the last stored one."""
 
-        if self.dim < 1 or self.heads < 1 or self.chunk_size < 1 or self.depth < 1 or self.momentum_order < 1:
-            bad("dim, heads, chunk_size, depth and momentum_order must be >= 1")
-        if self.dim_head is None:
-            if self.dim % self.heads:
-                bad(f"dim {self.dim} is not divisible by heads {self.heads}; give dim_head")
-            object.__setattr__(self, "dim_head", self.dim // self.heads)
-        if self.batch_size is not None and (self.batch_size < 0 or self.batch_size % self.chunk_size):
-            bad(f"batch_size {self.batch_size} must be 0 or a multiple of chunk_size {self.chunk_size}")
-        if self.loss not in ("l2", "huber"):
-            bad(f"loss must be 'l2' or 'huber', got {self.loss!r}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            bad("max_grad_norm must be positive")
-        if self.conv_size < 0:
-            bad("conv_size must be >= 0")
-        if not 0 <= self.max_decay <= 1:
-            bad(f"max_decay must be in [0, 1], got {self.max_decay}")
+    weights: dict
+    remainder: dict
+    position: int
+    momentum: Optional[dict] = None
+    reference: Optional[dict] = None
+    conv: Optional[dict] = None
 
-    @property
-    def inner_dim(self) -> int:
-        return self.heads * self.dim_head
-
-    @property
-    def refresh_chunks(self) -> int:
-        """Chunks per mini-batch (gradient reference refresh period); 0 = never."""
-        if self.batch_size is None:
-            return 1
-        return self.batch_size // self.chunk_size
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def to_tree(self) -> dict:
+        """A dict tree of the arrays and the int position, without the fields that are None (a cache's `state`)."""
+        tree = {"weights": self.weights, "remainder": self.remainder, "position": self.position}
+        for name in ("momentum", "reference", "conv"):
+            if getattr(self, name) is not None:
+                tree[name] = getattr(self, name)
+        return tree
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MemoryConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"MemoryConfig: unknown fields {sorted(unknown)}")
-        return cls(**d)
+    def from_tree(cls, tree: dict) -> "MemoryState":
+        return cls(**tree)
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    def arrays(self) -> dict:
+        """The arrays only, as a dict tree: for mx.eval and saving."""
+        return {k: v for k, v in self.to_tree().items() if k != "position"}
 
-
-def _clamp_norm(g, max_norm):
-    """g * M / max(|g|, M) per (batch, chunk): shrinks large gradients, leaves small ones, never divides by 0."""
-    squared = (g * g).sum(axis=tuple(range(2, g.ndim)), keepdims=True)
-    return g * (max_norm * mx.rsqrt(mx.maximum(squared, max_norm * max_norm)))  # no sqrt(0): its grad is inf
-
-
-def _decay_gate(name, keep, shape, depth):
-    """Broadcast the forget gate (B, m) or channel-wise (B, m, d) to a weight tensor of per-chunk shape."""
-    if keep.ndim == 2:
-        return keep.reshape(*keep.shape, *([1] * len(shape)))
-    if name == "gamma":
-        return keep
-    if name == "w0":
-        return keep[..., :, None]
-    if name == f"w{depth - 1}":
-        return keep[..., None, :]
-    return keep.mean(-1)[..., None, None]
-
-
-def _store_chunks(cfg, weights, momentum, reference, keys, values, lr, eta, keep, hp):
-    """Store m chunks whose gradients are all taken at `reference`.
-
-    weights, reference: {name: (B, ...)}; momentum: {name: (o, B, ...)}; keys, values: (B, m, c, d);
-    lr: (B, m, c); eta: (o, B, m); keep = 1 - alpha: (B, m) or (B, m, d).
-    Returns (weights, momentum, the weights after each chunk {name: (B, m, ...)}).
-    """
-    grads = memory_grads(reference, keys, values, lr, cfg.loss, hp["huber_delta"])
-    if cfg.max_grad_norm is not None:
-        grads = {name: _clamp_norm(g, hp["max_grad_norm"]) for name, g in grads.items()}
-    if not cfg.momentum:
-        eta = eta[:0]
-    if not cfg.weight_decay:
-        keep = mx.ones_like(keep)
-    if not cfg.channelwise_decay:
-        return _fused_update(weights, momentum, grads, eta, keep)
-    new_momentum, after_each = {}, {}
-    for name, g in grads.items():
-        update = -g
-        if cfg.momentum:
-            carried = []
-            for order in range(cfg.momentum_order):
-                update = scan(eta[order], update, momentum[name][order])
-                carried.append(update[:, -1])
-            new_momentum[name] = mx.stack(carried)
-        after_each[name] = scan(_decay_gate(name, keep, g.shape[2:], cfg.depth), update, weights[name])
-    return {name: w[:, -1] for name, w in after_each.items()}, new_momentum, after_each
-
-
-def _fused_update(weights, momentum, grads, eta, keep):
-    """Momentum and forgetting for scalar gates: one matmul per weight tensor (see momentum_decay_matrix)."""
-    o, (B, m) = eta.shape[0], keep.shape
-    if m == 1:  # one chunk (the paper's sequential rule): plain elementwise updates beat a tiny matmul
-        return _single_chunk_update(weights, momentum, grads, eta, keep)
-    transition = momentum_decay_matrix(eta, keep)
-    new_momentum, after_each = {}, {}
-    for name, g in grads.items():
-        shape = g.shape[2:]
-        inputs = [-g.reshape(B, m, -1)]
-        if o:
-            inputs.append(momentum[name].reshape(o, B, -1).transpose(1, 0, 2))
-        inputs.append(weights[name].reshape(B, 1, -1))
-        out = transition @ mx.concatenate(inputs, axis=1)
-        after_each[name] = out[:, :m].reshape(B, m, *shape)
-        if o:
-            new_momentum[name] = out[:, m:].transpose(1, 0, 2).reshape(o, B, *shape)
-    return {name: w[:, -1] for name, w in after_each.items()}, new_momentum, after_each
-
-
-def _single_chunk_update(weights, momentum, grads, eta, keep):
-    new_weights, new_momentum = {}, {}
-    for name, g in grads.items():
-        expand = lambda gate: gate.reshape(-1, *([1] * (g.ndim - 2)))
-        update, carried = -g[:, 0], []
-        for order in range(eta.shape[0]):
-            update = expand(eta[order, :, 0]) * momentum[name][order] + update
-            carried.append(update)
-        if carried:
-            new_momentum[name] = mx.stack(carried)
-        new_weights[name] = expand(keep[:, 0]) * weights[name] + update
-    return new_weights, new_momentum, {name: w[:, None] for name, w in new_weights.items()}
-
-
-def _parallel_step(cfg, weights, momentum, reference, keys, values, lr, eta, keep, queries, hp):
-    """Store a block of chunks at a shared reference; query group i (B, g, c, d) reads the weights after chunk i."""
-    weights, momentum, after_each = _store_chunks(cfg, weights, momentum, reference, keys, values, lr, eta, keep, hp)
-    g = queries.shape[1]
-    if g == 0:  # empty arrays crash some backends: pass the empty query block through
-        return weights, momentum, queries
-    return weights, momentum, memory_forward({n: w[:, :g] for n, w in after_each.items()}, queries)
-
-
-def _sequential_step(cfg, weights, momentum, keys, values, lr, eta, keep, queries, hp):
-    """Chunk after chunk, each gradient at the weights left by the chunk before (the paper's default)."""
-    out = []
-    for t in range(keys.shape[1]):
-        sl = slice(t, t + 1)
-        weights, momentum, _ = _store_chunks(
-            cfg, weights, momentum, weights, keys[:, sl], values[:, sl], lr[:, sl], eta[:, :, sl], keep[:, sl], hp
-        )
-        if t < queries.shape[1]:
-            out.append(memory_forward(weights, queries[:, t]))
-    return weights, momentum, mx.stack(out, axis=1) if out else queries
+    def replace(self, **changes) -> "MemoryState":
+        return replace(self, **changes)
 
 
 def _split_heads(t, b: int, n: int, heads: int, per_head=(-1,)):
@@ -251,7 +111,10 @@ def _causal_conv(t, cache, weight):
 
 
 class NeuralMemory(nn.Module):
-    """Neural long-term memory. `y, state = mem(x, state=None, store_mask=None)`, x: (batch, tokens, dim)."""
+    """Neural long-term memory. `y, state = mem(x, state=None, store_mask=None)`, x: (batch, tokens, dim).
+
+    `gate_log`: None, or a list to which every call that stores appends the gates it computed, per chunk:
+    {"lr": (B, m, c), "eta": (o, B, m), "keep": (B, m), or (B, m, d) with channelwise_decay}, keep = 1 - alpha."""
 
     def __init__(self, config: MemoryConfig = None, **kwargs):
         super().__init__()
@@ -290,11 +153,18 @@ class NeuralMemory(nn.Module):
             if cfg.per_head_init else w0
         hp = {"huber_delta": mx.array(cfg.huber_delta), "max_grad_norm": mx.array(cfg.max_grad_norm or 1.0)}
         self._hyper = hp
-        self._parallel = mx.compile(partial(_parallel_step, cfg))
-        self._sequential = mx.compile(partial(_sequential_step, cfg))
+        self._parallel = mx.compile(partial(parallel_step, cfg))
+        self._sequential = mx.compile(partial(sequential_step, cfg))
         self._read_step = mx.compile(self.read_step, inputs=self.state)
         self._prepare = mx.compile(self._prepare_eager, inputs=self.state)
         self._finish = mx.compile(self._finish_eager, inputs=self.state)
+        self.gate_log = None
+
+    def __setattr__(self, key, value):
+        if key == "gate_log":  # a plain attribute: a list of arrays here would join the module's parameters
+            object.__setattr__(self, key, value)
+        else:
+            super().__setattr__(key, value)
 
     @classmethod
     def from_pretrained(cls, path) -> "NeuralMemory":
@@ -306,7 +176,7 @@ class NeuralMemory(nn.Module):
         return mem
 
     # ------------------------------------------------------------------ state
-    def initial_state(self, batch: int) -> dict:
+    def initial_state(self, batch: int) -> MemoryState:
         cfg = self.config
         B = batch * cfg.heads
         dt = self.to_keys.weight.dtype
@@ -316,15 +186,13 @@ class NeuralMemory(nn.Module):
             shape = w.shape[1:] if cfg.per_head_init else w.shape
             w = w if cfg.per_head_init else mx.broadcast_to(w, (cfg.heads, *shape))
             weights[name] = mx.broadcast_to(w[None], (batch, cfg.heads, *shape)).reshape(B, *shape)
-        state = {"weights": weights, "remainder": {"inputs": zeros((batch, 0, cfg.dim))}, "position": 0}
-        if cfg.momentum:
-            state["momentum"] = {n: zeros((cfg.momentum_order, *w.shape)) for n, w in weights.items()}
-        if cfg.refresh_chunks != 1:
-            state["reference"] = dict(weights)
-        if cfg.conv_size:
-            state["conv"] = {"read": zeros((batch, cfg.conv_size - 1, cfg.inner_dim)),
-                             "store": zeros((batch, cfg.conv_size - 1, 2 * cfg.inner_dim))}
-        return state
+        return MemoryState(
+            weights, {"inputs": zeros((batch, 0, cfg.dim))}, 0,
+            momentum={n: zeros((cfg.momentum_order, *w.shape)) for n, w in weights.items()} if cfg.momentum else None,
+            reference=dict(weights) if cfg.refresh_chunks != 1 else None,
+            conv={"read": zeros((batch, cfg.conv_size - 1, cfg.inner_dim)),
+                  "store": zeros((batch, cfg.conv_size - 1, 2 * cfg.inner_dim))} if cfg.conv_size else None,
+        )
 
     def _check_input(self, x, state, store_mask):
         cfg = self.config
@@ -342,13 +210,15 @@ class NeuralMemory(nn.Module):
     def _check_state(self, state, B):
         """Shapes and fields only (no arrays built): this runs on every call, decode steps included."""
         cfg = self.config
+        if not isinstance(state, MemoryState):
+            raise TypeError(f"memory state must be a MemoryState, got {type(state).__name__}")
         fields = {"weights", "remainder", "position"} | ({"momentum"} if cfg.momentum else set()) \
             | ({"reference"} if cfg.refresh_chunks != 1 else set()) | ({"conv"} if cfg.conv_size else set())
-        if set(state) != fields:
-            raise ValueError(f"memory state has fields {sorted(state)}, expected {sorted(fields)}")
+        if set(state.to_tree()) != fields:
+            raise ValueError(f"memory state has fields {sorted(state.to_tree())}, expected {sorted(fields)}")
         for name, w in self.initial_weights.items():
             expected = (B, *(w.shape[1:] if cfg.per_head_init else w.shape))
-            got = state["weights"].get(name)
+            got = state.weights.get(name)
             if got is None or tuple(got.shape) != expected:
                 raise ValueError(
                     f"memory state does not fit this NeuralMemory (weights[{name!r}] has shape "
@@ -420,20 +290,18 @@ class NeuralMemory(nn.Module):
         y, new_conv = self._read(x, weights, conv_cache)
         return y, _append(remainder, x, store_mask), new_conv
 
-    def read_step_inputs(self, state: dict) -> tuple:
+    def read_step_inputs(self, state: MemoryState) -> tuple:
         """The arrays of `state` that `read_step` takes: (weights, remainder, the queries' conv cache or None)."""
-        return state["weights"], state["remainder"], state.get("conv", {}).get("read")
+        return state.weights, state.remainder, None if state.conv is None else state.conv["read"]
 
-    def completes_chunk(self, state: dict, n: int) -> bool:
+    def completes_chunk(self, state: MemoryState, n: int) -> bool:
         """Whether a call of n more tokens on `state` completes a chunk (and so stores)."""
-        return state["remainder"]["inputs"].shape[1] + n >= self.config.chunk_size
+        return state.remainder["inputs"].shape[1] + n >= self.config.chunk_size
 
-    def state_after_read(self, state: dict, remainder, read_conv, n: int) -> dict:
+    def state_after_read(self, state: MemoryState, remainder, read_conv, n: int) -> MemoryState:
         """The state after a `read_step` of n tokens that returned `remainder` and `read_conv`."""
-        new_state = {**state, "remainder": remainder, "position": state["position"] + n}
-        if self.config.conv_size:
-            new_state["conv"] = {**state["conv"], "read": read_conv}
-        return new_state
+        conv = None if state.conv is None else {**state.conv, "read": read_conv}
+        return state.replace(remainder=remainder, position=state.position + n, conv=conv)
 
     def _prepare_eager(self, x, remainder, read_conv, store_conv, store_mask):
         """A call that completes chunks, before the stores: the queries and retrieve gate logits of x, the store
@@ -482,28 +350,28 @@ class NeuralMemory(nn.Module):
         return _split_heads(t, b, n, cfg.heads)
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, x, state: Optional[dict] = None, store_mask=None):
-        """The state keeps the inputs of the tokens not stored yet (`remainder`: inputs, and store flags once a call
-        has had a store mask), and with a convolution its caches: `read`, the queries' after the last token, and
-        `store`, the keys' and values' after the last stored token."""
+    def __call__(self, x, state: Optional[MemoryState] = None, store_mask=None):
+        """The reads (b, n, dim) of x, and the state after it (see MemoryState); state None starts a stream."""
         self._check_input(x, state, store_mask)
         cfg = self.config
         b, n, _ = x.shape
         c, d, h = cfg.chunk_size, cfg.dim_head, cfg.heads
         if state is None:
             state = self.initial_state(b)
-        rem, conv = state["remainder"], state.get("conv", {})
+        rem, conv = state.remainder, state.conv or {}
         r = rem["inputs"].shape[1]
-        weights = state["weights"]
+        weights = state.weights
         if not self.completes_chunk(state, n):  # every token reads the weights as they are
             y, remainder, read_conv = self._read_step(x, *self.read_step_inputs(state), store_mask)
             return y, self.state_after_read(state, remainder, read_conv, n)
         queries, gate, chunks, remainder, read_conv, store_conv = self._prepare(
             x, rem, conv.get("read"), conv.get("store"), store_mask)
+        if self.gate_log is not None:
+            self.gate_log.append({name: chunks[name] for name in ("lr", "eta", "keep")})
         n_chunks = chunks["keep"].shape[1]
-        chunks_before = (state["position"] - r) // c
-        momentum = state.get("momentum", {})
-        reference = state.get("reference")
+        chunks_before = (state.position - r) // c
+        momentum = state.momentum or {}
+        reference = state.reference
         # retrieval groups: token i reads the weights after (r + i + 1) // c of this call's chunks
         first = min(n, c - r - 1)
         middle = queries[:, first : first + (n_chunks - 1) * c].reshape(b * h, n_chunks - 1, c, d)
@@ -522,20 +390,11 @@ class NeuralMemory(nn.Module):
                 reads.append(y)
         y = self._finish(start_weights, weights, queries, reads, gate, first, b)
 
-        new_state = {
-            "weights": weights,
-            "remainder": remainder,
-            "position": state["position"] + n,
-        }
-        if cfg.momentum:
-            new_state["momentum"] = momentum
-        if reference is not None:
-            new_state["reference"] = reference
-        if cfg.conv_size:
-            new_state["conv"] = {"read": read_conv, "store": store_conv}
-        return y.astype(x.dtype), new_state
+        conv = {"read": read_conv, "store": store_conv} if cfg.conv_size else None
+        return y.astype(x.dtype), MemoryState(weights, remainder, state.position + n,
+                                              momentum if cfg.momentum else None, reference, conv)
 
-    def retrieve(self, x, state: dict, conv_cache=None):
+    def retrieve(self, x, state: MemoryState, conv_cache=None):
         """Read the memory as it stands in `state` for every token of x, storing nothing (MAC's h = M*(q)).
         Returns (reads, conv cache). With a convolution the queries are convolved as a call's are, over the
         stream of x: `conv_cache` holds that stream's last inputs (None at its start), which may differ from the
@@ -543,7 +402,7 @@ class NeuralMemory(nn.Module):
         cfg = self.config
         if cfg.conv_size and conv_cache is None:
             conv_cache = mx.zeros((x.shape[0], cfg.conv_size - 1, cfg.inner_dim), dtype=self.to_keys.weight.dtype)
-        return self._read(x, state["weights"], conv_cache)
+        return self._read(x, state.weights, conv_cache)
 
     def _read(self, x, weights, conv_cache):
         """Every token of x reads `weights`: (reads (b, n, dim) in x's dtype, the queries' conv cache after x)."""

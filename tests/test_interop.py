@@ -44,7 +44,7 @@ def test_whole_sequence_matches(kwargs):
     last_weights = ref_state.states[0]
     names = (["gamma"] if mem.config.residual_norm else []) + [f"w{i}" for i in range(mem.config.depth)]
     for i, name in enumerate(names):
-        close(state["weights"][name], list(last_weights.values())[i])
+        close(state.weights[name], list(last_weights.values())[i])
 
 
 @pytest.mark.parametrize("kwargs", KWARGS[:3], ids=str)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from mlx_titans import MemoryConfig, NeuralMemory, load_state, save_state
+from mlx_titans import MemoryConfig, MemoryState, NeuralMemory, load_state, save_state
 from mlx_titans.neural_memory import _merge_heads, _split_heads
 from oracle import oracle_forward
 
@@ -32,7 +32,8 @@ def run_split(mem, x, cuts, mask=None):
 
 
 def assert_states_close(a, b, atol=1e-5):
-    fa, fb = dict(tree_flatten(a)), dict(tree_flatten(b))
+    """Two MemoryStates (or dict trees) hold equal fields."""
+    fa, fb = (dict(tree_flatten(s.to_tree() if isinstance(s, MemoryState) else s)) for s in (a, b))
     assert fa.keys() == fb.keys()
     for key in fa:
         if isinstance(fa[key], mx.array):
@@ -122,13 +123,33 @@ def test_a_store_mask_arriving_mid_stream():
     mask[:, :6] = True
     whole, whole_state = mem(x, store_mask=mask)
     y1, state = mem(x[:, :6])
-    assert "store" not in state["remainder"]
+    assert "store" not in state.remainder
     y2, state = mem(x[:, 6:7], state, store_mask=mask[:, 6:7])
     y3, state = mem(x[:, 7:], state, store_mask=mask[:, 7:])
     assert mx.allclose(mx.concatenate([y1, y2, y3], axis=1), whole, atol=1e-5)
     assert_states_close(state, whole_state)
     unmasked, _ = mem(x)
     assert not mx.allclose(unmasked[:, 8:], whole[:, 8:], atol=1e-4)
+
+
+def test_gate_log_records_the_gates_a_call_computes():
+    """keep = 1 - max_decay * sigmoid(mean of to_decay over the chunk), per head and chunk; only calls that store
+    record, and nothing is recorded (nor kept among the parameters) without a log."""
+    b, n, h, c = 2, 12, 2, 4
+    mem = make(heads=h, max_decay=0.5)
+    x = mx.random.normal((b, n, DIM))
+    y, _ = mem(x)
+    assert mem.gate_log is None
+    mem.gate_log = []
+    logged_y, state = mem(x)
+    mem(x[:, :3], state)  # completes no chunk: stores nothing
+    (gates,) = mem.gate_log
+    logits = mem.to_decay(mem.store_norm(x)).reshape(b, n // c, c, h).mean(2)  # (b, chunks, heads)
+    keep = 1 - 0.5 * mx.sigmoid(logits).transpose(0, 2, 1).reshape(b * h, n // c)
+    assert mx.allclose(gates["keep"], keep, atol=1e-6)
+    assert gates["lr"].shape == (b * h, n // c, c) and gates["eta"].shape == (1, b * h, n // c)
+    assert mx.array_equal(logged_y, y)
+    assert not any(name.startswith("gate_log") for name, _ in tree_flatten(mem.parameters()))
 
 
 @pytest.mark.parametrize("n", [1, 3, 4, 5, 8])
@@ -138,10 +159,10 @@ def test_short_calls_and_retrieval_index(n):
     x = mx.random.normal((1, n, DIM))
     y, state = mem(x)
     assert mx.allclose(y, oracle_forward(mem, x), atol=2e-5)
-    assert state["position"] == n
-    assert state["remainder"]["inputs"].shape[1] == n % 4
+    assert state.position == n
+    assert state.remainder["inputs"].shape[1] == n % 4
     if n < 4:
-        assert_states_close({"w": state["weights"]}, {"w": mem.initial_state(1)["weights"]})
+        assert_states_close({"w": state.weights}, {"w": mem.initial_state(1).weights})
 
 
 @pytest.mark.parametrize("b, n", [(1, 1), (2, 1), (2, 3)])
@@ -162,7 +183,7 @@ def test_retrieve_equals_the_reads_of_a_call_that_completes_no_chunk(n, conv_siz
     x = mx.random.normal((2, 5 + n, DIM))
     _, state = mem(x[:, :5])
     y, _ = mem(x[:, 5:], state)
-    queries_conv = state["conv"]["read"] if conv_size else None
+    queries_conv = state.conv["read"] if conv_size else None
     read, conv = mem.retrieve(x[:, 5:], state, queries_conv)
     assert mx.allclose(y, read, atol=1e-6)
     assert (conv is None) == (conv_size == 0)
@@ -252,7 +273,7 @@ def test_no_nan_or_inf(heads, order, batch_size, clamp, loss):
     mask[1] = False
     y, state = mem(x, store_mask=mask)
     assert mx.all(mx.isfinite(y))
-    assert all(mx.all(mx.isfinite(v)) for _, v in tree_flatten(state) if isinstance(v, mx.array))
+    assert all(mx.all(mx.isfinite(v)) for _, v in tree_flatten(state.arrays()))
     loss_fn = lambda model: model(x, store_mask=mask)[0].square().mean()
     _, grads = nn.value_and_grad(mem, loss_fn)(mem)
     assert all(mx.all(mx.isfinite(g)) for _, g in tree_flatten(grads))
@@ -329,7 +350,7 @@ def test_float64_and_bfloat16_inputs():
     mem64 = make()
     mem64.update(tree_map(lambda p: p.astype(mx.float64), mem64.parameters()))
     y64, state = mem64(x.astype(mx.float64))
-    assert y64.dtype == mx.float64 and state["weights"]["w0"].dtype == mx.float64
+    assert y64.dtype == mx.float64 and state.weights["w0"].dtype == mx.float64
     assert mx.allclose(y64.astype(mx.float32), y32, atol=1e-4)
 
 

@@ -257,8 +257,8 @@ def test_segmented_prefill_equals_whole_and_drives_stream_generate(hf):
         assert_close(next_logits, whole_after)
         for c, w in zip(cache, whole_cache):
             assert c.offset == w.offset == 59
-            got = dict(tree_flatten(c.memory))
-            for name, value in tree_flatten(w.memory):  # fast weights, momentum, unstored remainder, position
+            got = dict(tree_flatten(c.memory.to_tree()))
+            for name, value in tree_flatten(w.memory.to_tree()):  # fast weights, momentum, unstored remainder, position
                 assert_close(got[name], value)
 
     closed = titans_model(hf["qwen2"])

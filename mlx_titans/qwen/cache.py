@@ -34,7 +34,7 @@ class TitansCache(_BaseCache):
 
     @property
     def state(self):
-        return self._k, self._v, self._unrotated, self.memory
+        return self._k, self._v, self._unrotated, None if self.memory is None else self.memory.arrays()
 
     @property
     def keys(self):

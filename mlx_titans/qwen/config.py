@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from ..neural_memory import MemoryConfig
+from ..memory_config import MemoryConfig
 
 QWEN_TYPES = ("qwen2", "qwen3")
 DEFAULT_MEMORY = {"heads": 4, "dim_head": 128, "chunk_size": 64}

@@ -31,7 +31,8 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..neural_memory import MemoryConfig, NeuralMemory
+from ..memory_config import MemoryConfig
+from ..neural_memory import NeuralMemory
 from .cache import TitansCache
 from .config import QWEN_TYPES, TitansQwenConfig
 
