@@ -89,8 +89,9 @@ def make_haystack(ids, tokenizer) -> Haystack:
     """Token ids of real text, with where its sentences end (a token whose text ends in . ! or ?, quotes aside)."""
     ids = np.asarray(ids)
     unique = np.unique(ids)
-    ends = {int(i): tokenizer.decode([int(i)]).rstrip("\"'”’ ").endswith((".", "!", "?")) for i in unique}
-    return Haystack(ids, np.array([ends[int(i)] for i in ids], bool))
+    ends = np.zeros(int(unique[-1]) + 1, bool)
+    ends[unique] = [tokenizer.decode([int(i)]).rstrip("\"'”’ ").endswith((".", "!", "?")) for i in unique]
+    return Haystack(ids, ends[ids])
 
 
 def read_haystack(folder, tokenizer) -> Haystack:
