@@ -34,25 +34,18 @@ from mlx_titans.train import find_checkpoint
 
 
 def keep_rates(model, inputs) -> dict:
-    """{layer: keep rates (batch, heads, chunks)} of every memory layer over `inputs` (batch, n), read as reproduce
-    reads a needle sample. The rates are recorded from each memory's compiled store preparation."""
-    logs, originals = {}, {}
-    for i, layer in enumerate(model.layers):
-        if "memory" in layer and layer.memory.config.weight_decay:
-            mem, log = layer.memory, logs.setdefault(i, [])
-            originals[i] = prepare = mem._prepare
-
-            def recording(*args, prepare=prepare, log=log):
-                out = prepare(*args)
-                log.append(out[2]["keep"])  # (batch * heads, chunks) or (batch * heads, chunks, dim_head)
-                return out
-
-            mem._prepare = recording
+    """{layer: keep rates (batch, heads, chunks)} of every memory layer with a forget gate over `inputs` (batch, n),
+    read as reproduce reads a needle sample, from the memories' gate logs."""
+    memories = {i: layer.memory for i, layer in enumerate(model.layers)
+                if "memory" in layer and layer.memory.config.weight_decay}
+    for mem in memories.values():
+        mem.gate_log = []
     try:
         logits_in_blocks(model, inputs, NIAH_BLOCK)
+        logs = {i: [gates["keep"] for gates in mem.gate_log] for i, mem in memories.items()}
     finally:
-        for i, prepare in originals.items():
-            model.layers[i].memory._prepare = prepare
+        for mem in memories.values():
+            mem.gate_log = None
     rates = {}
     for i, log in logs.items():
         keep = mx.concatenate(log, axis=1)
