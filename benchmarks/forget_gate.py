@@ -24,11 +24,11 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.machine import device_name
-from benchmarks.niah import accuracy, logits_in_blocks
 from benchmarks.reproduce import NIAH_BLOCK, token_files
 from mlx_titans.data import load_tokens
 from mlx_titans.files import write_json_atomic
 from mlx_titans.model import load_model
+from mlx_titans.niah import accuracy, logits_in_blocks
 from mlx_titans.tasks import NEEDLE, QUERY, make_batch
 from mlx_titans.train import find_checkpoint
 

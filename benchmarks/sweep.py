@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.machine import GPUs, device_name, log_tail, run_logged
-from benchmarks.niah import plot
 from mlx_titans.files import write_json_atomic
+from mlx_titans.niah import plot
 
 
 def read_spec(path) -> dict:

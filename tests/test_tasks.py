@@ -4,8 +4,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from benchmarks.niah import accuracy, logits_in_blocks, main
+from benchmarks.niah import main
 from mlx_titans.model import TitansLMConfig, TitansLM, load_model, save_model
+from mlx_titans.niah import accuracy, logits_in_blocks
 from mlx_titans.tasks import DIGITS, HEX, NEEDLE, QUERY, TASKS, answered, make_batch
 
 
