@@ -14,9 +14,6 @@ replaced by `memory_model_parameters`), so they are skipped here.
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -24,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .files import run_reporting_errors
+from .files import atomic_folder, run_reporting_errors
 from .neural_memory import MemoryConfig, NeuralMemory
 
 SOURCE = "titans-pytorch 0.5.5"
@@ -172,40 +169,6 @@ def read_kwargs(args):
     return kwargs
 
 
-def write_atomic(out, files, force=False):
-    """Write {name: writer(path)} into a fresh directory next to `out`, then rename it into place."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ValueError(f"{out} exists and is not empty (use --force to replace it)")
-    made = next((p for p in reversed([out.parent, *out.parent.parents]) if not p.exists()), None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    old = None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private
-        for name, write in files.items():
-            write(str(tmp / name))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.rename(out, old / out.name)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            if (old / out.name).exists():
-                os.rename(old / out.name, out)
-            shutil.rmtree(old, ignore_errors=True)
-        if made is not None:
-            shutil.rmtree(made, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def convert(checkpoint, kwargs, out, prefix=None, force=False):
     """Write the MLX directory `out` for the titans-pytorch checkpoint file built with `kwargs`."""
     if not Path(checkpoint).is_file():
@@ -218,12 +181,16 @@ def convert(checkpoint, kwargs, out, prefix=None, force=False):
         if guess and "does not know" in str(e):
             raise ValueError(f"every key of {checkpoint} starts with {guess!r}: try --prefix {guess}") from None
         raise
-    weights = dict(tree_flatten(mem.parameters()))
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ValueError(f"{out} exists and is not empty (use --force to replace it)")
     config = {"memory": mem.config.to_dict(), "source": SOURCE, "titans_pytorch_kwargs": kwargs}
-    write_atomic(out, {
-        "model.safetensors": lambda p: mx.save_safetensors(p, weights, metadata={"format": "mlx"}),
-        "config.json": lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"),
-    }, force=force)
+    with atomic_folder(out) as tmp:
+        mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(mem.parameters())),
+                            metadata={"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def main(argv=None):

@@ -18,7 +18,6 @@ through the cast. Logits, the loss and evaluation are float32.
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -35,7 +34,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
 from .data import load_task_source, random_windows, shard, split_files, token_stream, valid_windows
-from .files import write_json_atomic
+from .files import atomic_folder, write_json_atomic
 from .model import TitansLMConfig, TitansLM, save_model
 from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
@@ -327,18 +326,11 @@ def save_checkpoint(run: Run, step: int) -> Path:
     state and trainer_state.json, written to a hidden folder renamed into place; older checkpoints are pruned."""
     out = Path(run.config["out"])
     path = out / f"step-{step:08d}"
-    tmp = out / f".{path.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(path) as tmp:
         save_model(tmp, run.model, run.tokenizer_file)
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(run.optimizer.state)))
         trainer_state = {"step": step, "data_rng": run.rng.bit_generator.state, "config": run.config}
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in checkpoints(out)[: -run.config["keep_checkpoints"]]:
         shutil.rmtree(old)
     return path

@@ -17,11 +17,7 @@ left behind. An existing OUT is refused.
 """
 
 import argparse
-import os
 import re
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -29,7 +25,7 @@ from mlx.utils import tree_map_with_path
 from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_tokenizer, quantize_model, save
 from tqdm import tqdm
 
-from ..files import run_reporting_errors
+from ..files import atomic_folder, run_reporting_errors
 from . import MEMORY_WEIGHTS, build_model, memory_weights, read_qwen_config
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -73,24 +69,6 @@ def pop_memory(model) -> dict:
     return weights
 
 
-@contextmanager
-def building(out: Path):
-    """A temporary directory beside `out`, renamed to `out` if the block succeeds and removed otherwise."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private
-        yield tmp
-        if out.exists():
-            raise ValueError(f"{out} appeared while converting; not replacing it")
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def convert(hf_path, mlx_path, quantize=False, q_bits=4, q_group_size=64, dtype=None, titans=None):
     """Write the TitansQwen directory `mlx_path` for `hf_path`; `titans`: the config's titans section (the rest
     takes TitansQwenConfig's defaults)."""
@@ -114,7 +92,7 @@ def convert(hf_path, mlx_path, quantize=False, q_bits=4, q_group_size=64, dtype=
             model, config = quantize_model(model, config, q_group_size, q_bits)
         bar.update()
         bar.set_description("save")
-        with building(out) as tmp:
+        with atomic_folder(out) as tmp:
             memory = pop_memory(model)
             save(tmp, src, model, tokenizer, config)
             mx.save_safetensors(str(tmp / MEMORY_WEIGHTS), memory, metadata={"format": "mlx"})
