@@ -5,7 +5,6 @@ Every source gives global batches `(inputs, targets, loss_mask)` of numpy arrays
 data parallelism each process trains on its own rows of the global batch (`shard`).
 """
 
-import hashlib
 import importlib
 import os
 from functools import cache
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import fingerprint
 from .tasks import FIRST_SYMBOL, make_batch
 from .tokenizer import EOS, read_text
 
@@ -38,11 +38,9 @@ def split_files(folder) -> dict:
 def token_stream(files, tokenizer, cache_dir, name: str) -> np.ndarray:
     """The files encoded and joined, each followed by EOS; cached as a .npy keyed by the tokenizer and the files'
     paths, sizes and modification times."""
-    key = hashlib.sha256(tokenizer.to_str().encode())
-    for f in files:
-        stat = f.stat()
-        key.update(f"{f.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
-    path = Path(cache_dir) / f"tokens-{name}-{key.hexdigest()[:16]}.npy"
+    key = fingerprint({"tokenizer": tokenizer.to_str(),
+                       "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]})
+    path = Path(cache_dir) / f"tokens-{name}-{key}.npy"
     if not path.exists():
         dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
         eos = np.array([tokenizer.token_to_id(EOS)], dtype=dtype)
