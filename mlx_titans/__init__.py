@@ -2,6 +2,9 @@
 
 from .files import load_state, save_state
 from .memory_config import MemoryConfig
+from .model import TitansLM, TitansLMConfig, load_model, save_model
 from .neural_memory import MemoryState, NeuralMemory
+from .prompt_cache import load_prompt_cache
 
-__all__ = ["MemoryConfig", "MemoryState", "NeuralMemory", "load_state", "save_state"]
+__all__ = ["MemoryConfig", "MemoryState", "NeuralMemory", "TitansLM", "TitansLMConfig", "load_model", "save_model",
+           "load_state", "save_state", "load_prompt_cache"]

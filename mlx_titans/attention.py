@@ -29,10 +29,6 @@ class AttentionCache:
         self.extra_keys = self.extra_values = None
         self.start = 0
 
-    @property
-    def state(self):
-        return [a for a in (self.keys, self.values, self.extra_keys, self.extra_values) if a is not None]
-
 
 def _append(old, new):
     return new if old is None else mx.concatenate([old, new], axis=2)

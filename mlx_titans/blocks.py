@@ -14,39 +14,66 @@ with a fresh cache, so cached decoding equals the uncached forward by constructi
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from .attention import Attention, AttentionCache
 from .memory_config import MemoryConfig
-from .neural_memory import NeuralMemory
+from .neural_memory import MemoryState, NeuralMemory
 
 VARIANTS = ("mac", "mag", "mal", "lmm", "swa", "transformer")
 
 
 class LayerCache(AttentionCache):
     """Attention cache plus the memory's state (MAC also keeps the state at the start of its segment and, with a
-    convolution, the last inputs of its reads' query stream)."""
+    convolution, the last inputs of its reads' query stream), and `offset`, the tokens seen.
+
+    It honours mlx-lm's cache contract (state get and set, from_state, size, empty, nbytes, is_trimmable), so
+    mlx_lm's save_prompt_cache writes it and mlx_titans.load_prompt_cache restores it."""
+
+    ARRAYS = ("keys", "values", "extra_keys", "extra_values", "retrieve_conv")
+    MEMORIES = ("memory", "memory_at_segment_start")
 
     def __init__(self):
         super().__init__()
         self.memory = None
         self.memory_at_segment_start = None
         self.retrieve_conv = None
+        self.offset = 0
 
     @property
     def state(self):
-        arrays = super().state + ([] if self.retrieve_conv is None else [self.retrieve_conv])
-        for s in (self.memory, self.memory_at_segment_start):
-            if s is not None:
-                arrays += list(_leaves(s.arrays()))
-        return arrays
+        memories = {name: None if getattr(self, name) is None else getattr(self, name).to_tree()
+                    for name in self.MEMORIES}
+        return {**{name: getattr(self, name) for name in self.ARRAYS}, **memories, "start": self.start,
+                "offset": self.offset}
 
+    @state.setter
+    def state(self, v):
+        for name in self.ARRAYS:
+            setattr(self, name, v[name])
+        for name in self.MEMORIES:
+            setattr(self, name, None if v[name] is None else MemoryState.from_tree(v[name]))
+        self.start, self.offset = v["start"], v["offset"]
 
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    elif isinstance(tree, mx.array):
-        yield tree
+    @classmethod
+    def from_state(cls, state) -> "LayerCache":
+        cache = cls()
+        cache.state = state
+        return cache
+
+    def size(self) -> int:
+        """The keys attention holds."""
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def empty(self) -> bool:
+        return self.offset == 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for _, x in tree_flatten(self.state) if isinstance(x, mx.array))
+
+    def is_trimmable(self) -> bool:
+        return False
 
 
 class SwiGLU(nn.Module):

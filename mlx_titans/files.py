@@ -21,18 +21,26 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def save_safetensors_atomic(path, arrays: dict, metadata: dict) -> None:
-    """mx.save_safetensors into a temporary file beside `path`, renamed into place once complete."""
+@contextmanager
+def atomic_safetensors(path):
+    """Yields a temporary .safetensors file name beside `path` to write; on success it is renamed to `path` (whatever
+    its suffix), on failure (or Ctrl-C) removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
     os.close(fd)
     try:
-        mx.save_safetensors(tmp, arrays, metadata=metadata)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_safetensors_atomic(path, arrays: dict, metadata: dict) -> None:
+    """mx.save_safetensors into a temporary file beside `path`, renamed into place once complete."""
+    with atomic_safetensors(path) as tmp:
+        mx.save_safetensors(tmp, arrays, metadata=metadata)
 
 
 @contextmanager
@@ -74,8 +82,8 @@ def run_reporting_errors(action, errors=(OSError, ValueError, RuntimeError)) -> 
     return 0
 
 
-def load_safetensors_checked(path, file_format: str, what: str):
-    """(arrays, metadata) of a file written with metadata {"format": file_format}; one clear error otherwise."""
+def load_safetensors_checked(path, file_format: str, what: str, format_key: str = "format"):
+    """(arrays, metadata) of a file written with metadata {format_key: file_format}; one clear error otherwise."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no {what} file at {path}")
@@ -83,7 +91,7 @@ def load_safetensors_checked(path, file_format: str, what: str):
         arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
     except Exception as e:
         raise ValueError(f"{path} is not a readable safetensors file ({str(e).strip().splitlines()[0]})") from None
-    found = metadata.get("format", "")
+    found = metadata.get(format_key, "")
     if found.split("/")[0] == file_format.split("/")[0] and found != file_format:
         raise ValueError(f"{path} is a {what} file of another mlx-titans version (format {found}; this one reads "
                          f"{file_format})")

@@ -18,6 +18,8 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
+from .prompt_cache import load_cache_file, save_cache_file
+
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 DEFAULT_MAX_CONTEXT = 524288
 
@@ -96,19 +98,6 @@ class TitansLMRunner:
     def decode(self, ids):
         return self.tokenizer.decode(ids)
 
-    def save_state(self, path, cache):
-        from .model import save_cache
-
-        save_cache(path, self.model, cache)
-
-    def load_state(self, path):
-        from .model import load_cache
-
-        try:
-            return load_cache(path, self.model)
-        except (ValueError, FileNotFoundError) as e:
-            raise UserError(str(e)) from None
-
 
 class QwenRunner:
     """A TitansQwen folder, or a plain Qwen one (memory added, gate closed)."""
@@ -122,7 +111,6 @@ class QwenRunner:
             self.model, self.tokenizer, config = qwen.load(path, window=args.window)
         except (ValueError, FileNotFoundError) as e:
             raise UserError(str(e)) from None
-        self.qwen = qwen
         self.segment = args.prefill_step_size or config["titans"]["segment_size"]
         self.eos = set(self.tokenizer.eos_token_ids)
 
@@ -140,15 +128,6 @@ class QwenRunner:
 
     def decode(self, ids):
         return self.tokenizer.decode(ids)
-
-    def save_state(self, path, cache):
-        self.qwen.save_memory_state(path, self.model, cache)
-
-    def load_state(self, path):
-        try:
-            return self.qwen.load_memory_state(path, self.model)
-        except (ValueError, FileNotFoundError) as e:
-            raise UserError(str(e)) from None
 
 
 def converted_from_hub(hub_id: str) -> Path:
@@ -196,10 +175,14 @@ def run(args) -> int:
     text = read_context(args)
     runner = open_model(args)
     ids = runner.encode(text, args)
-    cache = runner.load_state(args.memory_state_in) if args.memory_state_in else runner.model.make_cache()
-    start_position = getattr(cache[0], "offset", 0) if args.memory_state_in else 0
-    if start_position + len(ids) > args.max_context:
-        raise UserError(f"context of {start_position + len(ids)} tokens is over --max-context {args.max_context}")
+    cache = runner.model.make_cache()
+    if args.memory_state_in:
+        try:
+            cache = load_cache_file(args.memory_state_in, runner.model)
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(str(e)) from None
+    if cache[0].offset + len(ids) > args.max_context:
+        raise UserError(f"context of {cache[0].offset + len(ids)} tokens is over --max-context {args.max_context}")
 
     mx.reset_peak_memory()
     tic = time.perf_counter()
@@ -227,7 +210,7 @@ def run(args) -> int:
     if not args.verbose:
         print(runner.decode(out))
     if args.memory_state_out:
-        runner.save_state(args.memory_state_out, cache)
+        save_cache_file(args.memory_state_out, runner.model, cache)
     if args.verbose:
         stream.finalize()
         print(stream.last_segment)

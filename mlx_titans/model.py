@@ -13,12 +13,11 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from .blocks import VARIANTS, Block, LayerCache
-from .files import atomic_folder, fingerprint, load_safetensors_checked, save_safetensors_atomic
+from .files import atomic_folder
 from .memory_config import MemoryConfig
-from .neural_memory import MemoryState
 
 
 @dataclass
@@ -78,13 +77,17 @@ class TitansLM(nn.Module):
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (batch, n), got shape {tuple(tokens.shape)}")
         cache = cache if cache is not None else self.make_cache()
-        offset = getattr(cache[0], "offset", 0)
+        offset = cache[0].offset
         x = self.embed_tokens(tokens)
         for layer, layer_cache in zip(self.layers, cache):
             x = layer(x, layer_cache, offset)
             layer_cache.offset = offset + tokens.shape[1]
         x = self.norm(x)
         return self.embed_tokens.as_linear(x) if self.config.tie_embeddings else self.lm_head(x)
+
+    def description(self) -> dict:
+        """What a saved cache depends on (see prompt_cache.save_cache_file)."""
+        return {"model": "TitansLM", "config": asdict(self.config)}
 
     def num_parameters(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.parameters()))
@@ -118,43 +121,3 @@ def load_model(path, memory: Optional[dict] = None) -> TitansLM:
     model.set_dtype(mx.float32)  # weights may be stored in half precision; the memory's updates run in float32
     mx.eval(model.parameters())
     return model
-
-
-CACHE_ARRAYS = ("keys", "values", "extra_keys", "extra_values", "retrieve_conv")
-
-
-def save_cache(path, model: TitansLM, cache: list) -> None:
-    """Write the decoding state (windows, segments, memory states, positions) to safetensors, atomically."""
-    arrays, ints = {}, {}
-    for i, c in enumerate(cache):
-        for name in CACHE_ARRAYS:
-            if getattr(c, name) is not None:
-                arrays[f"{i}.{name}"] = getattr(c, name)
-        for name in ("memory", "memory_at_segment_start"):
-            if getattr(c, name) is not None:
-                for key, value in tree_flatten(getattr(c, name).to_tree()):
-                    if isinstance(value, mx.array):
-                        arrays[f"{i}.{name}.{key}"] = value
-                    else:
-                        ints[f"{i}.{name}.{key}"] = value
-        ints[f"{i}.start"], ints[f"{i}.offset"] = c.start, getattr(c, "offset", 0)
-    metadata = {"format": "mlx-titans-lm-cache/2", "fingerprint": fingerprint(asdict(model.config)), "ints": json.dumps(ints)}
-    save_safetensors_atomic(path, arrays, metadata)
-
-
-def load_cache(path, model: TitansLM) -> list:
-    """Read a cache written by `save_cache`, refusing one from a model of another config."""
-    arrays, metadata = load_safetensors_checked(path, "mlx-titans-lm-cache/2", "TitansLM memory state")
-    if metadata.get("fingerprint") != fingerprint(asdict(model.config)):
-        raise ValueError(f"memory state {path} was written by a model with another config")
-    flat = {**arrays, **json.loads(metadata["ints"])}
-    cache = model.make_cache()
-    for i, c in enumerate(cache):
-        mine = {k[len(f"{i}.") :]: v for k, v in flat.items() if k.startswith(f"{i}.")}
-        for name in CACHE_ARRAYS:
-            setattr(c, name, mine.get(name))
-        for name in ("memory", "memory_at_segment_start"):
-            items = [(k[len(name) + 1 :], v) for k, v in mine.items() if k.startswith(name + ".")]
-            setattr(c, name, MemoryState.from_tree(tree_unflatten(items)) if items else None)
-        c.start, c.offset = mine["start"], mine["offset"]
-    return cache

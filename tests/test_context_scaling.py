@@ -38,7 +38,7 @@ def test_titans_decode_attends_what_the_model_says():
     model(mx.zeros((1, 64), dtype=mx.int32), cache)  # a segment boundary, far beyond the window
     sizes = []
     for _ in range(16):
-        sizes.append(cache[0].size + 1)  # the keys the step attends: those kept, and itself
+        sizes.append(cache[0].size() + 1)  # the keys the step attends: those kept, and itself
         model(mx.zeros((1, 1), dtype=mx.int32), cache)
     assert sum(sizes) / len(sizes) == cost_model.attended("titans", 80, titans, 4096)
     assert cost_model.attended("titans", 10, titans, 4096) == 10  # within the window: the whole context

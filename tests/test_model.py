@@ -119,19 +119,40 @@ def test_bad_configs():
 
 @pytest.mark.parametrize("variant", ["mac", "mag", "transformer"])
 def test_cache_save_load_continues_exactly(tmp_path, variant):
-    from mlx_titans.model import load_cache, save_cache
+    from mlx_titans.prompt_cache import load_cache_file, save_cache_file
 
     model = make(variant)
     t = tokens(19, b=1)
     whole = model(t)
     cache = model.make_cache()
     first = model(t[:, :11], cache)
-    save_cache(tmp_path / "state.safetensors", model, cache)
-    resumed = load_cache(tmp_path / "state.safetensors", model)
+    save_cache_file(tmp_path / "state.safetensors", model, cache)
+    resumed = load_cache_file(tmp_path / "state.safetensors", model)
     second = model(t[:, 11:], resumed)
     assert mx.allclose(mx.concatenate([first, second], axis=1), whole, atol=1e-5)
     with pytest.raises(ValueError, match="another config"):
-        load_cache(tmp_path / "state.safetensors", make(variant, window=5))
+        load_cache_file(tmp_path / "state.safetensors", make(variant, window=5))
+
+
+@pytest.mark.parametrize("variant, held", [("mac", 5), ("mag", 5), ("mal", 5), ("lmm", 0), ("swa", 5),
+                                           ("transformer", 11)])
+def test_mlx_lm_prompt_cache_file_continues_exactly(tmp_path, variant, held):
+    """mlx-lm's save_prompt_cache writes a TitansLM cache and load_prompt_cache restores it: the same keys held
+    (size(): what attention still sees of 11 tokens, window 6) and the same logits after it."""
+    from mlx_lm.models.cache import save_prompt_cache
+
+    from mlx_titans import load_prompt_cache
+
+    model = make(variant)
+    t = tokens(19)
+    cache = model.make_cache()
+    model(t[:, :11], cache)
+    save_prompt_cache(str(tmp_path / "cache.safetensors"), cache, {"note": "eleven tokens"})
+    restored, metadata = load_prompt_cache(tmp_path / "cache.safetensors", return_metadata=True)
+    assert metadata == {"note": "eleven tokens"}
+    assert [c.size() for c in restored] == [c.size() for c in cache] == [held] * 2
+    assert [c.offset for c in restored] == [11, 11] and not restored[0].empty()
+    assert mx.array_equal(model(t[:, 11:], restored), model(t[:, 11:], cache))
 
 
 def test_half_precision_storage_loads_as_float32(tmp_path):

@@ -13,14 +13,14 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.convert import convert as mlx_convert
 from mlx_lm.generate import stream_generate
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache, save_prompt_cache
 from mlx_lm.models.rope_utils import YarnRoPE
 from mlx_lm.utils import load_model
 
 import mlx_titans.qwen.convert as converter
-from mlx_titans.qwen import (
-    TitansCache, get_model_classes, load, load_memory_state, memory_weights, prefill, save_memory_state,
-)
+from mlx_titans import load_prompt_cache
+from mlx_titans.prompt_cache import load_cache_file, save_cache_file
+from mlx_titans.qwen import TitansCache, get_model_classes, load, memory_weights, prefill
 from mlx_titans.qwen.random_model import make_tiny_qwen
 
 REPO = Path(__file__).resolve().parent.parent
@@ -304,26 +304,41 @@ def test_memory_state_out_and_in_continues_exactly(hf, tmp_path):
     model = titans_model(hf["qwen2"], 0.05)
     cache = model.make_cache()
     prefill(model, first, cache)
-    save_memory_state(tmp_path / "state.safetensors", model, cache)
+    save_cache_file(tmp_path / "state.safetensors", model, cache)
     expected = model(then, cache)
 
     second_run = titans_model(hf["qwen2"], 0.05)
-    restored = load_memory_state(tmp_path / "state.safetensors", second_run)
+    restored = load_cache_file(tmp_path / "state.safetensors", second_run)
     assert [c.offset for c in restored] == [45, 45]
     assert mx.array_equal(second_run(then, restored), expected)
     assert [c.keys.shape[2] for c in restored] == [4 + 16 + 2] * 2  # sinks, tokens 48..63, the segment's 64, 65
+
+
+def test_mlx_lm_prompt_cache_file_continues_exactly(hf, tmp_path):
+    """mlx-lm's save_prompt_cache writes a TitansQwen cache and load_prompt_cache restores it: the same keys held
+    (size(): sinks, the window before the segment, the segment so far) and bit-exact decoding after it."""
+    first, then = prompt(45), prompt(21, seed=1)  # beyond the window, memory mid-chunk
+    model = titans_model(hf["qwen2"], 0.05)
+    cache = model.make_cache()
+    prefill(model, first, cache)
+    save_prompt_cache(str(tmp_path / "cache.safetensors"), cache, {"note": "45 tokens"})
+    restored, metadata = load_prompt_cache(tmp_path / "cache.safetensors", return_metadata=True)
+    assert metadata == {"note": "45 tokens"} and all(isinstance(c, TitansCache) for c in restored)
+    assert [c.size() for c in restored] == [c.size() for c in cache] == [4 + 16 + 13] * 2  # segment 32..47
+    assert [c.offset for c in restored] == [45, 45] and restored[0].nbytes == cache[0].nbytes
+    assert mx.array_equal(model(then, restored), model(then, cache))
 
 
 def test_memory_state_of_another_model_is_refused(hf, tmp_path):
     model = titans_model(hf["qwen2"])
     cache = model.make_cache()
     prefill(model, prompt(10), cache)
-    save_memory_state(tmp_path / "state.safetensors", model, cache)
+    save_cache_file(tmp_path / "state.safetensors", model, cache)
     for other in (titans_model(hf["qwen2"], window=32), titans_model(hf["qwen3"])):
         with pytest.raises(ValueError, match="saved for another model"):
-            load_memory_state(tmp_path / "state.safetensors", other)
+            load_cache_file(tmp_path / "state.safetensors", other)
     with pytest.raises(ValueError, match="not a TitansQwen memory state"):
-        load_memory_state(hf["qwen2"] / "model.safetensors", model)
+        load_cache_file(hf["qwen2"] / "model.safetensors", model)
 
 
 def test_peak_memory_flat_in_context_length(hf):

@@ -6,6 +6,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import _BaseCache
 from mlx_lm.models.rope_utils import Llama3RoPE
 
+from ..neural_memory import MemoryState
+
 
 def composable(rope) -> bool:
     """Whether rope(rope(k, offset=a), offset=b) rotates k as rope(k, offset=a + b): angles linear in the position
@@ -21,39 +23,51 @@ class TitansCache(_BaseCache):
     token into preallocated buffers in place, as stock mlx-lm's KVCache does; once per segment the buffers are
     compacted to sinks + last `window` and the window's keys rotated down by the shift's change. That takes a RoPE
     whose rotations compose (see `composable`); for any other the cache also keeps the keys before RoPE and rotates
-    those, one more write per step. `offset` counts every token seen."""
+    those, one more write per step. `offset` counts every token seen.
+
+    It honours mlx-lm's cache contract: `state` (get and set) is a dict tree of the kept keys and values, the ints
+    and the memory's state, so mlx_lm's save_prompt_cache writes it and mlx_titans.load_prompt_cache restores it."""
 
     step = 256
 
     def __init__(self, sink_tokens: int, window: int, segment_size: int):
         self.sink_tokens, self.window, self.segment_size = sink_tokens, window, segment_size
         self._k = self._v = self._unrotated = self.memory = None
-        self.size = 0  # keys held: the sinks, then a contiguous run of recent tokens
+        self._size = 0  # keys held: the sinks, then a contiguous run of recent tokens
         self.offset = 0
         self.shift = 0  # the RoPE shift of the kept keys' positions
 
     @property
     def state(self):
-        return self._k, self._v, self._unrotated, None if self.memory is None else self.memory.arrays()
+        return {"keys": self.keys, "values": self.values, "unrotated": self.unrotated, "offset": self.offset,
+                "shift": self.shift, "sink_tokens": self.sink_tokens, "window": self.window,
+                "segment_size": self.segment_size, "memory": None if self.memory is None else self.memory.to_tree()}
+
+    @state.setter
+    def state(self, v):
+        self.sink_tokens, self.window, self.segment_size = v["sink_tokens"], v["window"], v["segment_size"]
+        self._k, self._v, self._unrotated = v["keys"], v["values"], v["unrotated"]
+        self._size = 0 if self._k is None else self._k.shape[2]
+        self.offset, self.shift = v["offset"], v["shift"]
+        self.memory = None if v["memory"] is None else MemoryState.from_tree(v["memory"])
+
+    def size(self) -> int:
+        """The keys held: the sinks, then a contiguous run of recent tokens."""
+        return self._size
 
     @property
     def keys(self):
         """The kept keys, rotated at their positions under `shift`."""
-        return None if self._k is None else self._k[:, :, : self.size]
+        return None if self._k is None else self._k[:, :, : self._size]
 
     @property
     def values(self):
-        return None if self._v is None else self._v[:, :, : self.size]
+        return None if self._v is None else self._v[:, :, : self._size]
 
     @property
     def unrotated(self):
         """The kept keys before RoPE, kept only for a RoPE that does not compose."""
-        return None if self._unrotated is None else self._unrotated[:, :, : self.size]
-
-    def restore(self, keys, values, offset: int, shift: int, unrotated=None):
-        """Set the kept keys/values, position and shift (from a saved state)."""
-        self._k, self._v, self._unrotated = keys, values, unrotated
-        self.size, self.offset, self.shift = (0 if keys is None else keys.shape[2]), offset, shift
+        return None if self._unrotated is None else self._unrotated[:, :, : self._size]
 
     def position_shift(self) -> int:
         """How far below their absolute index the window keys and this call's tokens are rotated (see the module
@@ -68,45 +82,45 @@ class TitansCache(_BaseCache):
     def _write(self, buffer, new):
         """new into buffer at [size, size + L), growing it in steps; returns the buffer."""
         B, H, L, D = new.shape
-        if buffer is None or self.size + L > buffer.shape[2]:
-            grow = mx.zeros((B, H, (self.size + L + self.step - 1) // self.step * self.step, D), dtype=new.dtype)
+        if buffer is None or self._size + L > buffer.shape[2]:
+            grow = mx.zeros((B, H, (self._size + L + self.step - 1) // self.step * self.step, D), dtype=new.dtype)
             if buffer is not None:
-                grow[:, :, : self.size] = buffer[:, :, : self.size]
+                grow[:, :, : self._size] = buffer[:, :, : self._size]
             buffer = grow
-        buffer[:, :, self.size : self.size + L] = new
+        buffer[:, :, self._size : self._size + L] = new
         return buffer
 
     def _compact(self):
         """Drop the keys no query can see any more: keep the sinks and the last `window`."""
-        s, n = self.sink_tokens, self.size
+        s, n = self.sink_tokens, self._size
         if n <= s + self.window:
             return
         keep = lambda b: None if b is None else mx.concatenate([b[:, :, :s], b[:, :, n - self.window : n]], axis=2)
         self._k, self._v, self._unrotated = keep(self._k), keep(self._v), keep(self._unrotated)
-        self.size = s + self.window
+        self._size = s + self.window
 
     def _rotate_window(self, rope, shift: int):
         """The window's keys (after the sinks) rotated at their positions under `shift`."""
         s = self.sink_tokens
         if self._unrotated is not None:
-            first = self.offset - (self.size - s)  # absolute index of slot s
-            return rope(self._unrotated[:, :, s : self.size], offset=first - shift)
-        window = self._k[:, :, s : self.size]
+            first = self.offset - (self._size - s)  # absolute index of slot s
+            return rope(self._unrotated[:, :, s : self._size], offset=first - shift)
+        window = self._k[:, :, s : self._size]
         B, H, L, D = window.shape  # every key moves by the same angle: one position each, as one "token" per row
         return rope(window.reshape(B, H * L, 1, D), offset=self.shift - shift).reshape(B, H, L, D)
 
     def update_and_fetch(self, keys, values, rope):
         """Append this call's keys (before RoPE) and values; return the rotated keys and the values it attends."""
         shift = self.position_shift()
-        if shift != self.shift and self.size > self.sink_tokens:  # a new segment: the window's positions move
-            self._k[:, :, self.sink_tokens : self.size] = self._rotate_window(rope, shift)
+        if shift != self.shift and self._size > self.sink_tokens:  # a new segment: the window's positions move
+            self._k[:, :, self.sink_tokens : self._size] = self._rotate_window(rope, shift)
         self.shift = shift
         if self._unrotated is not None or not composable(rope):
             self._unrotated = self._write(self._unrotated, keys)
         self._k, self._v = self._write(self._k, rope(keys, offset=self.offset - shift)), self._write(self._v, values)
-        self.size += keys.shape[2]
+        self._size += keys.shape[2]
         self.offset += keys.shape[2]
-        out = self._k[:, :, : self.size], self._v[:, :, : self.size]
+        out = self._k[:, :, : self._size], self._v[:, :, : self._size]
         if self.position_shift() != shift:  # the next call starts a new segment: drop what it cannot see
             self._compact()
         return out

@@ -1,21 +1,16 @@
 """Loading TitansQwen: a converted folder (mlx-lm's weights + titans_memory.safetensors) or a plain Qwen one."""
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import load_config, load_model, load_tokenizer
 
-from ..files import fingerprint, load_safetensors_checked, save_safetensors_atomic
-from ..neural_memory import MemoryState
 from .config import QWEN_TYPES
 from .model import get_model_classes, memory_weights
 
 MEMORY_WEIGHTS = "titans_memory.safetensors"
-STATE_FORMAT = "mlx-titans-qwen-state/2"
 
 
 def read_qwen_config(path: Path) -> dict:
@@ -85,40 +80,3 @@ def prefill(model, tokens: mx.array, cache: list, segment_size: Optional[int] = 
         if progress is not None:
             progress(min(start + size, total), total)
     return model.head(hidden[:, -1])
-
-
-def model_description(model) -> dict:
-    """What a saved state depends on: the base model's config (shapes, RoPE) and the titans section."""
-    base = {k: v for k, v in asdict(model.args).items() if k != "titans"}
-    return {"base": base, "titans": model.titans.to_section()}
-
-
-def save_memory_state(path, model, cache: list) -> None:
-    """Write the window keys/values, offsets and memory states of `cache` to a safetensors file, atomically."""
-    path = Path(path)
-    flat = tree_flatten([{"keys": c.keys, "values": c.values, "unrotated": c.unrotated, "offset": c.offset,
-                          "shift": c.shift, "memory": c.memory and c.memory.to_tree()} for c in cache])
-    description = model_description(model)
-    metadata = {
-        "format": STATE_FORMAT,
-        "fingerprint": fingerprint(description),
-        "model": json.dumps(description, sort_keys=True),
-        "integers": json.dumps({k: v for k, v in flat if isinstance(v, int)}),
-    }
-    save_safetensors_atomic(path, {k: v for k, v in flat if isinstance(v, mx.array)}, metadata)
-
-
-def load_memory_state(path, model) -> list:
-    """A cache continuing exactly where `save_memory_state` stopped; refuses a state saved for another model."""
-    arrays, metadata = load_safetensors_checked(path, STATE_FORMAT, "TitansQwen memory state")
-    ours = model_description(model)
-    if metadata.get("fingerprint") != fingerprint(ours):
-        saved, ours = dict(tree_flatten(json.loads(metadata["model"]))), dict(tree_flatten(ours))
-        differ = [k for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
-        raise ValueError(f"memory state {path} was saved for another model (differs in {', '.join(differ[:6])})")
-    layers = tree_unflatten([*arrays.items(), *json.loads(metadata["integers"]).items()])
-    cache = model.make_cache()
-    for c, saved in zip(cache, layers):
-        c.restore(saved.get("keys"), saved.get("values"), saved["offset"], saved["shift"], saved.get("unrotated"))
-        c.memory = saved["memory"] and MemoryState.from_tree(saved["memory"])
-    return cache

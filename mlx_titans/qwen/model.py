@@ -25,7 +25,7 @@ mlx-lm's model*.safetensors, which stock mlx-lm loads as the plain Qwen.
 
 import functools
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import mlx.core as mx
@@ -134,6 +134,11 @@ class TitansQwen:
     def head(self, h):
         """mlx-lm's Qwen output layer: the tied embedding or lm_head."""
         return self.model.embed_tokens.as_linear(h) if self.args.tie_word_embeddings else self.lm_head(h)
+
+    def description(self) -> dict:
+        """What a saved cache depends on: the base model's config (shapes, RoPE) and the titans section."""
+        base = {k: v for k, v in asdict(self.args).items() if k != "titans"}
+        return {"model": "TitansQwen", "base": base, "titans": self.titans.to_section()}
 
     def make_cache(self) -> list:
         return [TitansCache(self.titans.sink_tokens, self.titans.window, self.titans.segment_size)
