@@ -1,6 +1,6 @@
 """Stream a long book through a trained TitansLM in constant memory, printing loss and peak memory per block.
 
-    python examples/stream_book.py --model runs/mac --book ../shared/data/books/valid/SOME_BOOK.txt
+    python examples/stream_book.py --model runs/example/step-00000300 --book ../shared/data/books/valid/SOME_BOOK.txt
 
 The model's cache keeps the attention window (or segment) and the memory state only, so peak memory stays
 flat however long the book is, while the memory keeps learning from what it reads.
