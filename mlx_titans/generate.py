@@ -18,6 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
+from .prefill import prefill
 from .prompt_cache import load_cache_file, save_cache_file
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
@@ -156,16 +157,6 @@ def open_model(args):
     return QwenRunner(args.model, args)
 
 
-def prefill(model, ids, cache, segment: int, progress: bool):
-    """Feed ids through the model's cache in segments; memory stays bounded by the cache, not the context."""
-    bar = tqdm(total=len(ids), unit="tok", desc="prefill", disable=not progress or len(ids) <= segment)
-    for start in range(0, len(ids), segment):
-        model(mx.array(ids[start : start + segment])[None], cache=cache)
-        mx.eval([c.state for c in cache])
-        bar.update(min(segment, len(ids) - start))
-    bar.close()
-
-
 def run(args) -> int:
     from mlx_lm.generate import generate_step
     from mlx_lm.sample_utils import make_sampler
@@ -186,7 +177,11 @@ def run(args) -> int:
 
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    prefill(runner.model, ids[:-1], cache, runner.segment, progress=args.verbose)
+    context = len(ids) - 1  # the last token starts the generation
+    if context:
+        bar = tqdm(total=context, unit="tok", desc="prefill", disable=not args.verbose or context <= runner.segment)
+        prefill(runner.model, mx.array(ids[:-1])[None], cache, runner.segment, lambda done, _: bar.update(done - bar.n))
+        bar.close()
     sampler = make_sampler(args.temp, args.top_p)
     out, prompt_time = [], None
     stream = runner.detokenizer() if args.verbose else None

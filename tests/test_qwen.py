@@ -18,9 +18,9 @@ from mlx_lm.models.rope_utils import YarnRoPE
 from mlx_lm.utils import load_model
 
 import mlx_titans.qwen.convert as converter
-from mlx_titans import load_prompt_cache
+from mlx_titans import load_prompt_cache, prefill
 from mlx_titans.prompt_cache import load_cache_file, save_cache_file
-from mlx_titans.qwen import TitansCache, get_model_classes, load, memory_weights, prefill
+from mlx_titans.qwen import TitansCache, get_model_classes, load, memory_weights
 from mlx_titans.qwen.random_model import make_tiny_qwen
 
 REPO = Path(__file__).resolve().parent.parent
@@ -223,7 +223,7 @@ def test_gate_closed_equals_stock_qwen_within_window(hf, arch):
     tokens = prompt(40)
     assert mx.array_equal(model(tokens), stock(tokens))
     cache, stock_cache = model.make_cache(), make_prompt_cache(stock)
-    prefill(model, tokens[:, :-1], cache, segment_size=13)
+    prefill(model, tokens[:, :-1], cache, 13)
     for start in range(0, 39, 13):  # the same calls: BLAS results may depend on the matrix shapes
         stock(tokens[:, start : start + 13], cache=stock_cache)
     assert mx.array_equal(model(tokens[:, -1:], cache), stock(tokens[:, -1:], cache=stock_cache))
@@ -295,8 +295,26 @@ def test_cached_decode_equals_uncached_forward(hf):
     model = titans_model(hf["qwen3"], 0.05)
     tokens = prompt(45)
     cache = model.make_cache()
-    prefill(model, tokens[:, :-1], cache, segment_size=8)
+    prefill(model, tokens[:, :-1], cache, 8)
     assert_close(model(tokens[:, -1:], cache)[:, -1], model(tokens)[:, -1])
+
+
+def test_prefill_serves_titans_lm_and_stock_mlx_lm_models(hf):
+    """The one prefill helper: the last position's logits of a TitansLM and of a stock mlx-lm Qwen, fed in steps,
+    equal their uncached forward; progress follows each call; no tokens is an error."""
+    from mlx_titans import TitansLM, TitansLMConfig
+
+    tokens = prompt(23)
+    titans_lm = TitansLM(TitansLMConfig(variant="mag", vocab_size=1000, dim=32, layers=2, heads=2, window=6,
+                                        memory={"chunk_size": 4, "heads": 2}))
+    stock, _ = load_model(hf["qwen2"])
+    for model in (titans_lm, stock):
+        done = []
+        last = prefill(model, tokens, make_prompt_cache(model), 5, lambda d, n: done.append((d, n)))
+        assert_close(last, model(tokens)[:, -1], tol=1e-4)
+        assert done == [(5, 23), (10, 23), (15, 23), (20, 23), (22, 23), (23, 23)]
+    with pytest.raises(ValueError, match="at least one token"):
+        prefill(stock, tokens[:, :0], make_prompt_cache(stock), 5)
 
 
 def test_memory_state_out_and_in_continues_exactly(hf, tmp_path):

@@ -63,20 +63,3 @@ def load(path, *, window: Optional[int] = None):
         titans["window"] = window
     model, config = build_model(path, titans)
     return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id")), config
-
-
-def prefill(model, tokens: mx.array, cache: list, segment_size: Optional[int] = None, progress=None):
-    """Feed a prompt (batch, n) through the model `segment_size` tokens per call (default: the titans
-    segment_size), evaluating the cache after each so that memory use does not grow with n.
-    Returns the logits of the last position, (batch, vocab). progress(done, total) follows each segment."""
-    size = segment_size or model.titans.segment_size
-    total = tokens.shape[1]
-    if total == 0:
-        raise ValueError("prefill needs at least one token")
-    for start in range(0, total, size):
-        hidden = model.hidden(tokens[:, start : start + size], cache)
-        mx.eval([c.state for c in cache])
-        mx.clear_cache()
-        if progress is not None:
-            progress(min(start + size, total), total)
-    return model.head(hidden[:, -1])
