@@ -28,7 +28,8 @@ from benchmarks.reproduce import NIAH_BLOCK, token_files
 from mlx_titans.data import load_tokens
 from mlx_titans.files import write_json_atomic
 from mlx_titans.model import load_model
-from mlx_titans.niah import accuracy, logits_in_blocks
+from mlx_titans.niah import accuracy
+from mlx_titans.prefill import prefill
 from mlx_titans.tasks import NEEDLE, QUERY, make_batch
 from mlx_titans.train import find_checkpoint
 
@@ -41,7 +42,7 @@ def keep_rates(model, inputs) -> dict:
     for mem in memories.values():
         mem.gate_log = []
     try:
-        logits_in_blocks(model, inputs, NIAH_BLOCK)
+        prefill(model, inputs, model.make_cache(), NIAH_BLOCK)
         logs = {i: [gates["keep"] for gates in mem.gate_log] for i, mem in memories.items()}
     finally:
         for mem in memories.values():

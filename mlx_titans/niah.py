@@ -1,22 +1,22 @@
 """Needle-in-a-haystack and MQAR accuracy of a TitansLM (the tasks of tasks.py), and its plot against context length.
 
-A sample is read in blocks of `block` tokens through the model's cache (memory stays bounded for the windowed
-variants), and counts as answered when every answer token is the argmax.
+A sample is read through the model's cache in blocks of `block` tokens up to its answer (memory stays bounded for
+the windowed variants), and counts as answered when every answer token is the argmax.
 """
 
 import mlx.core as mx
 import numpy as np
 
+from .prefill import prefill
 from .tasks import TASKS, answered, make_batch
 
 
-def logits_in_blocks(model, inputs, block: int):
-    cache, outs = model.make_cache(), []
-    for start in range(0, inputs.shape[1], block):
-        out = model(inputs[:, start : start + block], cache)
-        mx.eval(out, [c.state for c in cache])
-        outs.append(out)
-    return mx.concatenate(outs, axis=1)
+def answer_logits(model, inputs, first: int, block: int):
+    """The logits of positions first.. of `inputs` (batch, n): what comes before them is fed through a new cache
+    `block` tokens per call (memory stays bounded for the windowed variants), the rest in one call."""
+    cache = model.make_cache()
+    prefill(model, inputs[:, :first], cache, block)
+    return model(inputs[:, first:], cache=cache)
 
 
 def accuracy(model, task, length, samples, batch, seed, block, haystack=None) -> float:
@@ -27,8 +27,9 @@ def accuracy(model, task, length, samples, batch, seed, block, haystack=None) ->
     for start in range(0, samples, batch):
         inputs, targets, mask = make_batch(task, min(batch, samples - start), length, rng,
                                            model.config.vocab_size, haystack)
-        logits = logits_in_blocks(model, mx.array(inputs), block)
-        hits.extend(answered(logits, targets, mask))
+        first = int(mask.any(0).argmax())  # the first answer position of any sample
+        logits = answer_logits(model, mx.array(inputs), first, block)
+        hits.extend(answered(logits, targets[:, first:], mask[:, first:]))
     return float(np.mean(hits))
 
 
