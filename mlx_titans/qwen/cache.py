@@ -70,13 +70,13 @@ class TitansCache(_BaseCache):
         return None if self._unrotated is None else self._unrotated[:, :, : self._size]
 
     def position_shift(self) -> int:
-        """How far below their absolute index the window keys and this call's tokens are rotated (see the module
+        """How far below their absolute index the window keys and this call's tokens are rotated (see qwen/model.py's
         docstring); calls never cross a segment boundary, so one shift serves the whole call."""
         start = self.offset // self.segment_size * self.segment_size
         return max(0, start - self.window - self.sink_tokens)
 
     def make_mask(self, N: int, **_):
-        """Every kept key is visible (see the module docstring): causal among the new tokens."""
+        """Every kept key is visible (see qwen/model.py's docstring): causal among the new tokens."""
         return "causal" if N > 1 else None
 
     def _write(self, buffer, new):
