@@ -111,7 +111,8 @@ def titans_section(args) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Convert a Hugging Face Qwen2/Qwen2.5/Qwen3 model to TitansQwen (MLX).")
+    parser = argparse.ArgumentParser(
+        description="Convert a Hugging Face Qwen2/Qwen2.5/Qwen3 model to TitansQwen (MLX).")
     parser.add_argument("--hf-path", "--model", required=True, help="local HF directory or Hugging Face Hub id")
     parser.add_argument("--mlx-path", default="mlx_model", help="output directory (must not exist)")
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize the base model (not the memory)")
