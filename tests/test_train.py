@@ -12,7 +12,7 @@ import pytest
 from mlx_titans.data import random_windows, shard, split_files, valid_windows
 from mlx_titans.model import load_model
 from mlx_titans.tokenizer import EOS, load_tokenizer, save_tokenizer, train_tokenizer
-from mlx_titans.train import main, parse_settings, resolve_config, save_checkpoint, setup
+from mlx_titans.train import main, parse_settings, resolve_config, save_checkpoint, setup, train
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore.\n"
@@ -174,6 +174,20 @@ def test_task_source_and_config_file(tmp_path):
     assert summary["step"] == 3 and np.isfinite(summary["valid_loss"])
     state = json.loads((Path(summary["checkpoint"]) / "trainer_state.json").read_text())
     assert state["config"]["seed"] == 3 and state["config"]["lr"] == 1e-2  # the file's, and the flag over the file
+
+
+def test_train_is_a_library_call(tmp_path):
+    """train(resolve_config(settings)): the command line's run without one; a misspelt setting is refused."""
+    settings = {**parse_settings(TINY), "task": "copy", "task_source": "test_train:copy_task",
+                "task_kwargs": {"first": 2}, "vocab_size": 16, "steps": 2, "warmup": 0, "out": str(tmp_path / "lib")}
+    summary = train(resolve_config(settings))
+    assert summary == json.loads((tmp_path / "lib" / "summary.json").read_text()) and summary["step"] == 2
+    cli = main(["--task", "copy", "--task-source", "test_train:copy_task", "--task-kwargs", '{"first": 2}',
+                "--vocab-size", "16", "--steps", "2", "--warmup", "0", "--out", str(tmp_path / "cli"), *TINY])
+    same = ("step", "train_loss", "valid_loss", "tokens", "parameters")
+    assert {k: cli[k] for k in same} == {k: summary[k] for k in same}
+    with pytest.raises(ValueError, match="unknown settings"):
+        train(resolve_config({**settings, "stpes": 3, "out": str(tmp_path / "typo")}))
 
 
 @pytest.mark.parametrize("case", ["missing data", "empty data", "unknown variant", "resume without checkpoint"])
