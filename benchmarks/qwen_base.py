@@ -57,9 +57,9 @@ def train_config(work: Path, args) -> dict:
 
 
 def check_settings(work: Path, settings: dict) -> None:
-    """The settings the existing outputs of WORK were made with must be these (WORK/settings.json)."""
+    """The outputs already in WORK must have been made with these settings (recorded in WORK/settings.json)."""
     path = work / "settings.json"
-    if path.is_file():
+    if path.is_file() and any((work / name).exists() for name in ("tokenizer", "model", "data")):
         made = json.loads(path.read_text())
         for key in OUTPUT_SETTINGS:
             if made.get(key) != settings[key]:
@@ -67,6 +67,11 @@ def check_settings(work: Path, settings: dict) -> None:
                                  "--work or the same settings")
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, settings)
+
+
+def require(work: Path, name: str, stage: str) -> None:
+    if not (work / name).exists():
+        raise ValueError(f"the {stage} stage needs {work / name}: run the stage that writes it first")
 
 
 def run_command(command: list) -> None:
@@ -83,6 +88,8 @@ def run(args) -> None:
         raise ValueError(f"unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}")
     if args.seq_len < 64 or args.iters < 1 or args.batch_size < 1 or args.learning_rate <= 0:
         raise ValueError("--seq-len must be at least 64, --iters and --batch-size positive, --learning-rate > 0")
+    if not 0 <= args.needle_fraction <= 1:
+        raise ValueError(f"--needle-fraction must be in [0, 1], got {args.needle_fraction}")
     tokens = args.tokens or args.iters * args.batch_size * args.seq_len
     settings = {"data": str(data), "vocab_size": args.vocab_size, "sizes": parse_sizes(args.sizes),
                 "seq_len": args.seq_len, "tokens": tokens, "valid_tokens": args.valid_tokens,
@@ -93,9 +100,11 @@ def run(args) -> None:
         print(f"training a {args.vocab_size}-token BPE on {data / 'train'}", flush=True)
         write_tokenizer(work / "tokenizer", text_files(data / "train"), args.vocab_size)
     if "model" in stages and not (work / "model").exists():
+        require(work, "tokenizer", "model")
         config = write_random_model(work / "model", work / "tokenizer", args.seed, **settings["sizes"])
         print(f"wrote {work / 'model'}: " + ", ".join(f"{k} {config[k]}" for k in (*PRESET, "vocab_size")))
     if "data" in stages and not (work / "data").exists():
+        require(work, "tokenizer", "data")
         summary = write_data(work / "data", load_hf_tokenizer(work / "tokenizer"), data / "train", data / "valid",
                              args.seq_len, tokens, args.valid_tokens, args.needle_fraction, args.seed)
         print(f"wrote {work / 'data'}: {summary}")
@@ -107,11 +116,12 @@ def run(args) -> None:
     if not finished.exists():
         (work / "train.yaml").write_text(yaml.safe_dump(train_config(work, args), sort_keys=False))
         if "train" in stages:
+            require(work, "model", "train")
+            require(work, "data", "train")
             run_command(train)
             write_json_atomic(finished, {"command": shlex.join(train), "config": train_config(work, args)})
     if "fuse" in stages and not (work / "base").exists():
-        if not finished.exists():
-            raise ValueError(f"fuse needs a finished train stage ({finished} is missing)")
+        require(work, "adapters/finished.json", "fuse")
         with atomic_folder(work / "base") as tmp:
             run_command(fuse + [str(tmp)])
     if not finished.exists() or not (work / "base").exists():

@@ -92,8 +92,10 @@ def encode_files(files, tokenizer) -> list:
 
 def book_windows(ids_per_file, seq_len: int) -> np.ndarray:
     """(windows, seq_len): non-overlapping stretches of each file's ids, a file's tail shorter than seq_len left out."""
-    windows = [ids[: len(ids) // seq_len * seq_len].reshape(-1, seq_len) for ids in ids_per_file]
-    return np.concatenate(windows)
+    windows = np.concatenate([ids[: len(ids) // seq_len * seq_len].reshape(-1, seq_len) for ids in ids_per_file])
+    if not len(windows):
+        raise ValueError(f"no text file is {seq_len} tokens long")
+    return windows
 
 
 def fitted_text(ids, tokenizer, seq_len: int) -> str:

@@ -90,7 +90,7 @@ def test_needle_rows_hold_question_and_answer(work):
         assert values and all(v in hay for v in values), (question, answer)
 
 
-def test_train_and_fuse_write_a_model_mlx_lm_loads(work, capsys):
+def test_train_and_fuse_write_a_model_mlx_lm_loads(work, tmp_path, capsys):
     root, args = work
     assert main([*args, "train", "fuse"]) == 0
     model, tokenizer = load(str(root / "work" / "base"))
@@ -100,5 +100,7 @@ def test_train_and_fuse_write_a_model_mlx_lm_loads(work, capsys):
     assert not mx.array_equal(trained, random.model.embed_tokens.weight)  # every weight is trained, not only layers
     assert main([*args, "--seq-len", "256"]) == 1
     assert main([*args, "nope"]) == 1
+    assert main(["--work", str(tmp_path / "fresh"), "model"]) == 1
     err = capsys.readouterr().err.splitlines()
-    assert err[-2].startswith("error: ") and "seq_len" in err[-2] and err[-1].startswith("error: unknown stage")
+    assert err[-3].startswith("error: ") and "seq_len" in err[-3] and err[-2].startswith("error: unknown stage")
+    assert err[-1].startswith("error: the model stage needs")
