@@ -10,7 +10,6 @@ state, and --memory-state-in starts a later run from it.
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
+from .files import cache_root
 from .prefill import prefill
 from .prompt_cache import load_cache_file, save_cache_file
 
@@ -44,6 +44,7 @@ def parse_args(argv):
                    help="print the text as it comes and the stats block (True/False)")
     p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, help="refuse longer contexts")
     p.add_argument("--window", type=int, default=None, help="attention window (TitansQwen)")
+    p.add_argument("--adapter-path", default=None, help="memory adapters trained by mlx_titans.adapt (TitansQwen)")
     p.add_argument("--prefill-step-size", type=int, default=None, help="tokens per prefill call")
     p.add_argument("--memory-state-in", help="start from a memory state saved by --memory-state-out")
     p.add_argument("--memory-state-out", help="save the memory state after generating")
@@ -78,6 +79,8 @@ class TitansLMRunner:
 
         if args.window is not None:
             raise UserError("--window applies to TitansQwen; a TitansLM's window is part of its architecture")
+        if args.adapter_path is not None:
+            raise UserError("--adapter-path applies to TitansQwen; a TitansLM is trained whole (mlx_titans.train)")
         try:
             self.model = load_model(path)
         except (ValueError, FileNotFoundError) as e:
@@ -109,7 +112,7 @@ class QwenRunner:
         try:
             if not Path(path).exists():
                 path = converted_from_hub(path)
-            self.model, self.tokenizer, config = qwen.load(path, window=args.window)
+            self.model, self.tokenizer, config = qwen.load(path, window=args.window, adapter_path=args.adapter_path)
         except (ValueError, FileNotFoundError) as e:
             raise UserError(str(e)) from None
         self.segment = args.prefill_step_size or config["titans"]["segment_size"]
@@ -135,8 +138,7 @@ def converted_from_hub(hub_id: str) -> Path:
     """A Hub id is downloaded and converted (4-bit) once, into ~/.cache/mlx-titans (or $MLX_TITANS_CACHE)."""
     from .qwen.convert import convert
 
-    root = Path(os.environ.get("MLX_TITANS_CACHE", Path.home() / ".cache" / "mlx-titans"))
-    out = root / (hub_id.replace("/", "--") + "-4bit")
+    out = cache_root() / (hub_id.replace("/", "--") + "-4bit")
     if not (out / "config.json").is_file():
         convert(hub_id, out, quantize=True)
     return out

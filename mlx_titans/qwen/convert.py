@@ -92,11 +92,17 @@ def convert(hf_path, mlx_path, quantize=False, q_bits=4, q_group_size=64, dtype=
             model, config = quantize_model(model, config, q_group_size, q_bits)
         bar.update()
         bar.set_description("save")
-        with atomic_folder(out) as tmp:
-            memory = pop_memory(model)
-            save(tmp, src, model, tokenizer, config)
-            mx.save_safetensors(str(tmp / MEMORY_WEIGHTS), memory, metadata={"format": "mlx"})
+        save_folder(out, src, model, tokenizer, config)
         bar.update()
+
+
+def save_folder(out: Path, src: Path, model, tokenizer, config: dict) -> None:
+    """Write a TitansQwen folder, whole or not at all: mlx-lm's files of the base (stock mlx-lm loads them as the
+    plain Qwen) and MEMORY_WEIGHTS."""
+    with atomic_folder(out) as tmp:
+        memory = pop_memory(model)
+        save(tmp, src, model, tokenizer, config)
+        mx.save_safetensors(str(tmp / MEMORY_WEIGHTS), memory, metadata={"format": "mlx"})
 
 
 def titans_section(args) -> dict:

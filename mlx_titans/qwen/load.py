@@ -7,7 +7,8 @@ from typing import Optional
 import mlx.core as mx
 from mlx_lm.utils import load_config, load_model, load_tokenizer
 
-from .config import QWEN_TYPES
+from .adapters import load_adapters
+from .config import QWEN_TYPES, TitansQwenConfig
 from .model import get_model_classes, memory_weights
 
 MEMORY_WEIGHTS = "titans_memory.safetensors"
@@ -53,13 +54,24 @@ def load_memory_weights(model, file: Path):
     model.load_weights(list(weights.items()), strict=False)
 
 
-def load(path, *, window: Optional[int] = None):
+def load(path, *, window: Optional[int] = None, memory: Optional[dict] = None, adapter_path=None):
     """(model, tokenizer, config) from a directory written by convert/qwen.py, or from a plain mlx-lm / HF Qwen
-    directory (then with the default titans section: untrained memory, gate closed). `window` overrides the
-    titans window."""
+    directory (then with the default titans section: untrained memory, gate closed).
+
+    `adapter_path`: memory adapters trained by mlx_titans.adapt on this base. `window` overrides the titans window
+    and `memory` MemoryConfig fields, e.g. {"max_lr": 0, "max_decay": 0}: the memory frozen at its learned initial
+    weights, the ablation that switches its test-time updates off. Adapters are checked against the folder's own
+    titans section, so they load with either override."""
     path = Path(path)
-    titans = dict(read_qwen_config(path).get("titans", {}))
+    config = read_qwen_config(path)
+    titans = dict(config.get("titans", {}))
+    trained = TitansQwenConfig.from_section(titans, config["num_hidden_layers"], config["hidden_size"]).to_section()
     if window is not None:
         titans["window"] = window
-    model, config = build_model(path, titans)
+    if memory:
+        titans["memory"] = {**titans.get("memory", {}), **memory}
+    model, config = build_model(path, titans, lazy=adapter_path is not None)
+    if adapter_path is not None:
+        load_adapters(model, adapter_path, trained)
+        mx.eval(model.parameters())
     return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id")), config

@@ -1,0 +1,168 @@
+"""mlx_titans.adapt (memory adapters on a frozen TitansQwen), the adapter layout, loading and fusing them."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_titans.adapt import main as adapt, sample_loss, token_losses
+from mlx_titans.fuse import main as fuse
+from mlx_titans.generate import main as generate
+from mlx_titans.qwen import load
+from mlx_titans.qwen.adapters import make_trainable
+from mlx_titans.qwen.convert import convert
+from mlx_titans.qwen.random_model import make_tiny_qwen
+
+SMALL = {"memory_layers": [0, 1], "window": 16, "sink_tokens": 4, "segment_size": 16,
+         "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8}}
+WORDS = ["green", "quiet", "distant", "small", "red", "old", "bright", "heavy"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny 4-bit Qwen3 converted to TitansQwen (window 16), its plain HF folder, and a folder of documents."""
+    root = tmp_path_factory.mktemp("adapt")
+    make_tiny_qwen(root / "hf", "qwen3", tie=True)
+    convert(root / "hf", root / "titans", quantize=True, titans=SMALL)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("valid", 2)):
+        (root / "docs" / split).mkdir(parents=True)
+        for i in range(n):
+            text = " ".join(f"The {rng.choice(WORDS)} fox number {rng.integers(100)} ran. Was it {rng.choice(WORDS)}?"
+                            for _ in range(120))
+            (root / "docs" / split / f"{i}.txt").write_text(text)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_TITANS_CACHE", str(tmp_path / "cache"))
+
+
+def flags(base, out, *extra):
+    return ["--model", str(base / "titans"), "--data", str(base / "docs"), "--adapter-path", str(out),
+            "--sample-length", "128", "--batch-size", "2", "--iters", "4", "--steps-per-report", "2",
+            "--steps-per-eval", "4", "--val-batches", "1", "--save-every", "2", "--needle-tasks", "passkey",
+            "number", *map(str, extra)]
+
+
+def open_gates(model, scale=0.5):
+    for i, layer in enumerate(model.layers):
+        if "memory" in layer:
+            layer.memory_gate = scale * mx.random.normal(layer.memory_gate.shape, key=mx.random.key(i))
+
+
+def gradients(model, checkpoint, last_segment_only=True, n=64):
+    tokens = mx.random.randint(3, 900, (2, n + 1), key=mx.random.key(1))
+    weights = mx.ones((2, n)) * (mx.arange(n) >= n - 16) if last_segment_only else mx.ones((2, n))
+    loss_fn = lambda m: sample_loss(m, tokens[:, :-1], tokens[:, 1:], weights, mx.array([False, False]),
+                                    checkpoint=checkpoint)
+    loss, grads = nn.value_and_grad(model, loss_fn)(model)
+    mx.eval(loss, grads)
+    return loss, dict(tree_flatten(grads))
+
+
+def test_checkpointed_segments_give_the_unrolled_gradients(base):
+    """Each segment recomputed in the backward pass (bounded activation memory) gives exactly the gradients of the
+    whole sample's graph, and a loss on the last segment alone reaches the memory's store projections through the
+    cache of the segments before it."""
+    model, _, _ = load(base / "titans")
+    make_trainable(model)
+    open_gates(model)
+    (loss_a, a), (loss_b, b) = gradients(model, checkpoint=False), gradients(model, checkpoint=True)
+    assert loss_a.item() == loss_b.item() and set(a) == set(b)
+    assert all(mx.array_equal(a[k], b[k]).item() for k in a)
+    assert mx.abs(a["model.layers.0.memory.to_keys.weight"]).max().item() > 1e-4
+    assert not any("self_attn" in k or "mlp" in k for k in a)  # the base is frozen
+
+
+def test_memory_updates_off_leave_the_store_path_without_gradient(base):
+    """The ablation: with the memory's test-time updates switched off (lr and forgetting 0), what it would store
+    cannot matter, so its key and value projections get no gradient; the read path still does."""
+    model, _, _ = load(base / "titans", memory={"max_lr": 0.0, "max_decay": 0.0})
+    make_trainable(model)
+    open_gates(model)
+    _, grads = gradients(model, checkpoint=True, last_segment_only=False)
+    for name in ("to_keys", "to_values", "to_lr", "to_momentum", "to_decay"):
+        assert mx.abs(grads[f"model.layers.0.memory.{name}.weight"]).max().item() == 0, name
+    assert mx.abs(grads["model.layers.0.memory.to_queries.weight"]).max().item() > 0
+
+
+def test_distillation_from_itself_is_zero():
+    logits = mx.random.normal((2, 5, 11))
+    targets = mx.zeros((2, 5), dtype=mx.int32)
+    kl = token_losses(logits, targets, mx.array([False, True]), teacher_logits=logits)
+    assert mx.abs(kl[0]).max().item() < 1e-6
+    assert mx.allclose(kl[1], nn.losses.cross_entropy(logits[1], targets[1])).item()  # answer rows: cross-entropy
+
+
+def test_adapt_trains_only_the_memory_of_a_4bit_base_and_writes_mlx_lm_layout(base, tmp_path, capsys):
+    out = tmp_path / "adapters"
+    assert adapt(flags(base, out, "--teacher", "full")) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 4 and np.isfinite(summary["train_loss"]) and summary["beyond_window_loss"] > 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "titans_memory" and config["num_layers"] == 0
+    weights = mx.load(str(out / "adapters.safetensors"))
+    assert weights and all(".memory" in k for k in weights)
+    before, _, _ = load(base / "titans")
+    after, _, _ = load(base / "titans", adapter_path=out)
+    old, new = dict(tree_flatten(before.parameters())), dict(tree_flatten(after.parameters()))
+    assert all(mx.array_equal(old[k], new[k]).item() for k in old if ".memory" not in k)  # 4-bit base untouched
+    assert not mx.array_equal(old["model.layers.0.memory_gate"], new["model.layers.0.memory_gate"]).item()
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-00000002", "step-00000004"]
+
+
+def test_resume_continues_exactly(base, tmp_path, capsys):
+    assert adapt(flags(base, tmp_path / "whole")) == 0
+    assert adapt(flags(base, tmp_path / "split", "--iters", "2")) == 0
+    assert adapt(flags(base, tmp_path / "split", "--resume")) == 0
+    a, b = (mx.load(str(tmp_path / name / "adapters.safetensors")) for name in ("whole", "split"))
+    assert all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
+def test_fuse_writes_a_standalone_folder_and_generate_runs_adapters(base, tmp_path, capsys):
+    """Fused memory adapters are exactly the adapters; with LoRA on a 4-bit base the fused linears are quantized
+    again (as mlx_lm.fuse does), so they agree to the quantization's precision."""
+    tokens = mx.random.randint(3, 900, (1, 40), key=mx.random.key(2))
+    for name, extra, tolerance in (("memory", [], 0.0), ("lora", ["--lora-layers", "1", "--lora-rank", "2"], 0.05)):
+        out = tmp_path / name
+        assert adapt(flags(base, out, "--iters", "2", *extra)) == 0
+        weights = mx.load(str(out / "adapters.safetensors"))
+        assert any(k.endswith("lora_a") for k in weights) == (name == "lora")
+        assert fuse(["--model", str(base / "titans"), "--adapter-path", str(out), "--save-path",
+                     str(tmp_path / f"fused-{name}")]) == 0
+        with_adapters, _, _ = load(base / "titans", adapter_path=out)
+        fused, _, _ = load(tmp_path / f"fused-{name}")
+        assert mx.abs(with_adapters(tokens) - fused(tokens)).max().item() <= tolerance
+    capsys.readouterr()
+    assert generate(["--model", str(base / "titans"), "--adapter-path", str(tmp_path / "lora"), "-p", "The fox",
+                     "-m", "3"]) == 0
+    assert "Generation: 3 tokens" in capsys.readouterr().out
+
+
+def test_bad_input_is_one_error_line_and_writes_nothing(base, tmp_path, capsys):
+    out = tmp_path / "adapters"
+    cases = [
+        (["--model", str(base / "hf")], "not a TitansQwen folder"),
+        (["--data", str(tmp_path / "nowhere")], "does not exist"),
+        (["--sample-length", "16"], "not longer than the window"),
+        (["--teacher", "half"], "--teacher must be one of none, full"),
+        (["--needle-fraction", "2"], "needle-fraction"),
+    ]
+    for extra, message in cases:
+        assert adapt(flags(base, out) + extra) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") <= 2, err
+        assert not out.exists()
+    other = tmp_path / "other"
+    convert(base / "hf", other, titans={**SMALL, "window": 32})
+    assert adapt(flags(base, out, "--iters", "1")) == 0
+    with pytest.raises(ValueError, match="trained for another model"):
+        load(other, adapter_path=out)
+    capsys.readouterr()
+    assert adapt(flags(base, out, "--iters", "1")) == 1
+    assert "already holds adapters" in capsys.readouterr().err
