@@ -16,9 +16,21 @@ from mlx.utils import tree_flatten, tree_unflatten
 MEMORY_STATE_FORMAT = "mlx-titans-memory-state/2"
 
 
+def cache_root() -> Path:
+    """Where mlx-titans keeps what it can make again (converted Hub models, tokenized documents):
+    $MLX_TITANS_CACHE, default ~/.cache/mlx-titans."""
+    return Path(os.environ.get("MLX_TITANS_CACHE", Path.home() / ".cache" / "mlx-titans"))
+
+
 def fingerprint(obj) -> str:
     """16 hex characters of the sha256 of obj as sorted JSON: equal for equal configs."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -30,6 +42,7 @@ def atomic_safetensors(path):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private; the result should not be
         yield tmp
         os.replace(tmp, path)
     except BaseException:
@@ -51,6 +64,7 @@ def atomic_folder(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's folder is private; the result should not be
         yield tmp
         if path.exists():
             shutil.rmtree(path)

@@ -336,58 +336,80 @@ def save_checkpoint(run: Run, step: int) -> Path:
     return path
 
 
-def train_steps(run: Run) -> dict:
-    """Train from run.step to the config's steps; the summary."""
-    c, model, optimizer, group = run.config, run.model, run.optimizer, run.group
-    rank, size = group.rank(), group.size()
-    step_fn = make_train_step(model, optimizer, DTYPES[c["dtype"]], c["grad_clip"], group)
-    tokens_per_step = c["batch_size"] * c["seq_len"]
-    bar = tqdm(total=c["steps"], initial=run.step, disable=rank != 0, unit="step", dynamic_ncols=True)
-    step, train_loss, valid_loss, checkpoint = run.step, None, None, c["resume"]
-    losses, window_steps, window_time, train_time = mx.array(0.0), 0, 0.0, 0.0
-    while step < c["steps"]:
+def step_loop(start: int, steps: int, one_step, evaluate, save, every: tuple, tokens_per_step: int, state,
+              optimizer, rank: int, log_path) -> dict:
+    """The loop mlx_titans.train and mlx_titans.adapt share: one_step() -> (loss, grad norm) arrays of an optimizer
+    step, evaluated with `state` (the model's and optimizer's); every = (report, evaluate, save) periods in steps, the
+    last step doing all three. Reports go to a progress bar (loss, tok/s) and, on rank 0, to log.jsonl; evaluate()
+    gives a dict of held-out metrics; save(step) writes a checkpoint (rank 0) and returns its path. Returns the last
+    train loss and metrics, the training time (evaluations and checkpoints excluded) and the last checkpoint."""
+    report_every, eval_every, save_every = every
+    bar = tqdm(total=steps, initial=start, disable=rank != 0, unit="step", dynamic_ncols=True)
+    step, losses, window_steps, window_time, train_time = start, mx.array(0.0), 0, 0.0, 0.0
+    train_loss, valid, checkpoint = None, {}, None
+    while step < steps:
         tic = time.perf_counter()
-        loss, grad_norm = step_fn(*to_device(shard(run.sample_batch(), rank, size)))
+        loss, grad_norm = one_step()
         losses = losses + loss
-        mx.eval(model.state, optimizer.state, losses, grad_norm)
+        mx.eval(state, losses, grad_norm)
         window_time += time.perf_counter() - tic
-        step, window_steps, last = step + 1, window_steps + 1, step + 1 == c["steps"]
+        step, window_steps, last = step + 1, window_steps + 1, step + 1 == steps
         records = []
-        if step % c["log_every"] == 0 or last:
+        if step % report_every == 0 or last:
             train_loss = losses.item() / window_steps
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"the training loss is {train_loss} at step {step}")
             tokens_per_s = window_steps * tokens_per_step / window_time
             records.append({"step": step, "loss": train_loss, "grad_norm": grad_norm.item(),
-                            "lr": optimizer.learning_rate.item(), "tokens_per_s": tokens_per_s})
+                            "lr": optimizer.learning_rate.item(), "tokens_per_s": tokens_per_s,
+                            "peak_memory_gb": mx.get_peak_memory() / 1e9})
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            train_time += window_time
-            losses, window_steps, window_time = mx.array(0.0), 0, 0.0
-        if step % c["eval_every"] == 0 or last:
-            valid_loss = evaluate(model, run.valid_batches, group)
-            records.append({"step": step, "valid_loss": valid_loss, "valid_ppl": math.exp(valid_loss)})
+            train_time, losses, window_steps, window_time = train_time + window_time, mx.array(0.0), 0, 0.0
+        if step % eval_every == 0 or last:
+            valid = evaluate()
+            records.append({"step": step, **valid})
             if rank == 0:
-                bar.write(f"step {step}: valid loss {valid_loss:.4f}, perplexity {math.exp(valid_loss):.2f}",
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in valid.items() if v is not None),
                           file=sys.stderr)
         if rank == 0:
-            if step % c["checkpoint_every"] == 0 or last:
-                checkpoint = str(save_checkpoint(run, step))
-            with open(Path(c["out"]) / "log.jsonl", "a") as log:
+            if step % save_every == 0 or last:
+                checkpoint = str(save(step))
+            with open(log_path, "a") as log:
                 log.writelines(json.dumps(r) + "\n" for r in records)
         bar.update()
     bar.close()
+    return {"train_loss": train_loss, "valid": valid, "train_seconds": train_time, "checkpoint": checkpoint,
+            "tokens_per_s": (step - start) * tokens_per_step / train_time if train_time else None}
+
+
+def train_steps(run: Run) -> dict:
+    """Train from run.step to the config's steps; the summary."""
+    c, model, optimizer, group = run.config, run.model, run.optimizer, run.group
+    rank, size = group.rank(), group.size()
+    step_fn = make_train_step(model, optimizer, DTYPES[c["dtype"]], c["grad_clip"], group)
+
+    def held_out() -> dict:
+        loss = evaluate(model, run.valid_batches, group)
+        return {"valid_loss": loss, "valid_ppl": math.exp(loss)}
+
+    tokens_per_step = c["batch_size"] * c["seq_len"]
+    done = step_loop(run.step, c["steps"], lambda: step_fn(*to_device(shard(run.sample_batch(), rank, size))),
+                     held_out, lambda step: save_checkpoint(run, step),
+                     (c["log_every"], c["eval_every"], c["checkpoint_every"]), tokens_per_step,
+                     [model.state, optimizer.state], optimizer, rank, Path(c["out"]) / "log.jsonl")
+    step = max(run.step, c["steps"])
     return {
         "step": step,
-        "train_loss": train_loss,
-        "valid_loss": valid_loss,
-        "valid_ppl": math.exp(valid_loss) if valid_loss is not None else None,
+        "train_loss": done["train_loss"],
+        "valid_loss": done["valid"].get("valid_loss"),
+        "valid_ppl": done["valid"].get("valid_ppl"),
         "tokens": step * tokens_per_step,
-        "tokens_per_s": (step - run.step) * tokens_per_step / train_time if train_time else None,
-        "train_seconds": train_time,
+        "tokens_per_s": done["tokens_per_s"],
+        "train_seconds": done["train_seconds"],
         "parameters": model.num_parameters(),
         "processes": size,
         "ranks_in_sync": ranks_in_sync(model, group),
-        "checkpoint": checkpoint,
+        "checkpoint": done["checkpoint"] or c["resume"],
     }
 
 
