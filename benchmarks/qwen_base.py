@@ -26,9 +26,11 @@ import yaml
 
 from mlx_titans.corpus import PRESET, load_hf_tokenizer, text_files, write_data, write_random_model, write_tokenizer
 from mlx_titans.files import atomic_folder, run_reporting_errors, write_json_atomic
+from mlx_titans.text_needles import TASKS
 
 STAGES = ("tokenizer", "model", "data", "train", "fuse")
-OUTPUT_SETTINGS = ("data", "vocab_size", "sizes", "seq_len", "tokens", "valid_tokens", "needle_fraction", "seed")
+OUTPUT_SETTINGS = ("data", "vocab_size", "sizes", "seq_len", "tokens", "valid_tokens", "needle_fraction", "needle_tasks",
+                   "seed")
 
 
 def parse_sizes(pairs) -> dict:
@@ -93,7 +95,7 @@ def run(args) -> None:
     tokens = args.tokens or args.iters * args.batch_size * args.seq_len
     settings = {"data": str(data), "vocab_size": args.vocab_size, "sizes": parse_sizes(args.sizes),
                 "seq_len": args.seq_len, "tokens": tokens, "valid_tokens": args.valid_tokens,
-                "needle_fraction": args.needle_fraction, "seed": args.seed}
+                "needle_fraction": args.needle_fraction, "needle_tasks": args.needle_tasks, "seed": args.seed}
     check_settings(work, settings)
 
     if "tokenizer" in stages and not (work / "tokenizer").exists():
@@ -106,7 +108,8 @@ def run(args) -> None:
     if "data" in stages and not (work / "data").exists():
         require(work, "tokenizer", "data")
         summary = write_data(work / "data", load_hf_tokenizer(work / "tokenizer"), data / "train", data / "valid",
-                             args.seq_len, tokens, args.valid_tokens, args.needle_fraction, args.seed)
+                             args.seq_len, tokens, args.valid_tokens, args.needle_fraction, args.seed,
+                             args.needle_tasks)
         print(f"wrote {work / 'data'}: {summary}")
 
     finished = work / "adapters" / "finished.json"
@@ -142,6 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, help="train.jsonl tokens (default: iters x batch size x seq len)")
     p.add_argument("--valid-tokens", type=int, default=262144)
     p.add_argument("--needle-fraction", type=float, default=0.1, help="fraction of rows that are text needle rows")
+    p.add_argument("--needle-tasks", nargs="+", default=list(TASKS), choices=TASKS, help="their tasks, drawn uniformly")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)

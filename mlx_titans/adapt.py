@@ -12,8 +12,9 @@ is frozen, a quantized base included.
 A sample is several times longer than the attention window. It goes through the model's own bounded cache segment by
 segment (the code that runs at inference), and gradients flow back through the cache across segments: through the
 window's keys and values and through the memory state, so that what a segment stores is trained by the losses of
-the segments that read it. Each segment's activations are recomputed in the backward pass (mx.checkpoint): what is
-kept per segment is the cache, so activation memory is bounded by one segment whatever the sample's length.
+the segments that read it. The backward pass goes segment by segment, recomputing each one's activations: what is
+kept per segment is the cache at its start, so activation memory is bounded by one segment whatever the sample's
+length (--no-grad-checkpoint: one graph for the whole sample, faster, memory growing with it).
 
 Objectives: next-token cross-entropy (--teacher none), or distillation (--teacher full): the KL divergence from the
 same base with full attention over the whole sample, so that the windowed model with memory learns to predict what
@@ -84,10 +85,10 @@ def join_states(layout, arrays):
 def segment_function(model, layout, next_layout: list, inputs, targets, weights, answer_rows, teacher_logits):
     """f(arrays) -> (weighted loss sum, the caches' next arrays) of one segment, fed through caches restored from
     `layout` and `arrays`; it writes the next layout into `next_layout`. Everything but the cache's arrays is a
-    constant of the function (mx.checkpoint differentiates with respect to every argument, token ids included)."""
+    constant of the function, so that mx.vjp differentiates with respect to them alone (not the token ids)."""
     def run(arrays):
-        cache = model.make_cache()
-        for c, state in zip(cache, join_states(layout, arrays) if layout else []):
+        cache = model.make_cache()  # fresh copies of the arrays: caches write into their buffers in place
+        for c, state in zip(cache, join_states(layout, [a + 0 for a in arrays]) if layout else []):
             c.state = state
         logits = model(inputs, cache).astype(mx.float32)
         loss = (token_losses(logits, targets, answer_rows, teacher_logits) * weights).sum()
@@ -97,24 +98,53 @@ def segment_function(model, layout, next_layout: list, inputs, targets, weights,
     return run
 
 
-def sample_loss(model, inputs, targets, weights, answer_rows, teacher_hidden=None, teacher_head=None,
-                checkpoint: bool = True):
-    """Mean weighted token loss of samples (b, n) fed through a fresh cache one titans segment at a time, gradients
-    flowing through the cache from segment to segment; with `checkpoint`, each segment's activations are recomputed
-    in the backward pass, so only the cache is kept between segments."""
-    size, n = model.titans.segment_size, inputs.shape[1]
-    layout, arrays, total = [], [], mx.array(0.0)
-    for start in range(0, n, size):
+def segments(model, inputs, targets, weights, answer_rows, teacher_hidden, teacher_head):
+    """The samples (b, n) cut at the titans segments: (inputs, targets, weights, teacher logits or None) each."""
+    size = model.titans.segment_size
+    for start in range(0, inputs.shape[1], size):
         piece = slice(start, start + size)
         teacher_logits = None if teacher_hidden is None else teacher_head(teacher_hidden[:, piece]).astype(mx.float32)
+        yield inputs[:, piece], targets[:, piece], weights[:, piece], teacher_logits
+
+
+def sample_loss(model, inputs, targets, weights, answer_rows, teacher_hidden=None, teacher_head=None, scale=1.0):
+    """scale x the weighted token losses of samples (b, n) fed through a fresh cache one titans segment at a time,
+    as one graph: its gradient keeps every segment's activations (memory grows with n; see `value_and_grad`)."""
+    layout, arrays, total = [], [], mx.array(0.0)
+    for piece in segments(model, inputs, targets, weights, answer_rows, teacher_hidden, teacher_head):
         next_layout = []
-        run = segment_function(model, layout, next_layout, inputs[:, piece], targets[:, piece], weights[:, piece],
-                               answer_rows, teacher_logits)
-        if checkpoint:
-            run = nn.utils.checkpoint(model, run)
-        loss, arrays = run(arrays)
+        loss, arrays = segment_function(model, layout, next_layout, *piece[:3], answer_rows, piece[3])(arrays)
         layout, total = next_layout, total + loss
-    return total / weights.sum()
+    return total * scale
+
+
+def value_and_grad(model, inputs, targets, weights, answer_rows, teacher_hidden=None, teacher_head=None, scale=1.0):
+    """sample_loss and its gradient with respect to the model's trainable parameters, with memory bounded by one
+    segment: a forward pass keeps only the cache at each segment's start, then the backward pass goes from the last
+    segment to the first, recomputing each one's activations (mx.vjp) and handing the gradient with respect to its
+    starting cache to the segment before it. Exactly the gradient of the whole graph, for one more forward pass."""
+    names, values = zip(*tree_flatten(model.trainable_parameters()))
+    runs, starts, total = [], [([], [])], mx.array(0.0)  # starts: (layout, arrays) of the cache at each segment
+    for piece in segments(model, inputs, targets, weights, answer_rows, teacher_hidden, teacher_head):
+        next_layout = []
+        runs.append(segment_function(model, starts[-1][0], next_layout, *piece[:3], answer_rows, piece[3]))
+        loss, arrays = runs[-1](starts[-1][1])
+        mx.eval(loss, arrays)
+        starts.append((next_layout, arrays))
+        total = total + loss
+    grads, cotangents = [mx.zeros_like(v) for v in values], [mx.zeros_like(a) for a in starts[-1][1]]
+    for run, (_, arrays) in zip(reversed(runs), reversed(starts[:-1])):
+        def segment(*primals, run=run):
+            model.update(tree_unflatten(list(zip(names, primals[: len(names)]))))
+            loss, next_arrays = run(list(primals[len(names) :]))
+            return [loss, *next_arrays]
+
+        _, vjps = mx.vjp(segment, [*values, *arrays], [mx.array(scale, dtype=mx.float32), *cotangents])
+        grads = [g + d for g, d in zip(grads, vjps[: len(names)])]
+        cotangents = vjps[len(names) :]
+        mx.eval(grads, cotangents)
+    model.update(tree_unflatten(list(zip(names, values))))
+    return total * scale, tree_unflatten(list(zip(names, grads)))
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -313,11 +343,11 @@ def train_step(run: Run, batch) -> tuple:
     teacher_hidden = None if run.teacher is None else mx.stop_gradient(run.teacher.model(inputs))
     head = None if run.teacher is None else teacher_head(run.teacher)
 
-    def loss_fn(model):
-        local = sample_loss(model, inputs, targets, weights, answer_rows, teacher_hidden, head, c["grad_checkpoint"])
-        return local * weights.sum() * group.size() / global_weight
-
-    loss, grads = nn.value_and_grad(model, loss_fn)(model)
+    args = (inputs, targets, weights, answer_rows, teacher_hidden, head, group.size() / global_weight)
+    if c["grad_checkpoint"]:
+        loss, grads = value_and_grad(model, *args)
+    else:
+        loss, grads = nn.value_and_grad(model, lambda model: sample_loss(model, *args))(model)
     grads = nn.average_gradients(grads, group)
     grads, grad_norm = optim.clip_grad_norm(grads, c["grad_clip"])
     run.optimizer.update(model, grads)

@@ -123,10 +123,12 @@ def needle_text(task: str, tokenizer, haystack, seq_len: int, rng) -> str:
         length -= excess
 
 
-def write_rows(path, tokenizer, files, tokens: int, seq_len: int, needle_fraction: float, rng, desc: str) -> dict:
+def write_rows(path, tokenizer, files, tokens: int, seq_len: int, needle_fraction: float, rng, desc: str,
+               tasks=TASKS) -> dict:
     """`tokens // seq_len` rows of about seq_len tokens into a jsonl file: book windows of `files` in a shuffled order
     (another shuffle each time the windows run out) and, with probability needle_fraction each, text needle rows whose
-    haystack is the same text. Returns {"rows", "needle_rows", "book_windows"}."""
+    haystack is the same text, their task drawn uniformly from `tasks`. Returns {"rows", "needle_rows",
+    "book_windows"}."""
     ids_per_file = encode_files(files, tokenizer)
     windows = book_windows(ids_per_file, seq_len)
     haystack = make_haystack(np.concatenate(ids_per_file), tokenizer)
@@ -138,7 +140,7 @@ def write_rows(path, tokenizer, files, tokens: int, seq_len: int, needle_fractio
     with open(path, "w") as f:
         for i in tqdm(range(rows), desc=desc, unit="row"):
             if is_needle[i]:
-                text = needle_text(TASKS[rng.integers(len(TASKS))], tokenizer, haystack, seq_len, rng)
+                text = needle_text(tasks[rng.integers(len(tasks))], tokenizer, haystack, seq_len, rng)
             else:
                 text = fitted_text(windows[order[i]], tokenizer, seq_len)
             f.write(json.dumps({"text": text}) + "\n")
@@ -146,7 +148,7 @@ def write_rows(path, tokenizer, files, tokens: int, seq_len: int, needle_fractio
 
 
 def write_data(folder, tokenizer, train_dir, valid_dir, seq_len: int, tokens: int, valid_tokens: int,
-               needle_fraction: float, seed: int) -> dict:
+               needle_fraction: float, seed: int, tasks=TASKS) -> dict:
     """train.jsonl (`tokens` tokens of train_dir) and valid.jsonl (`valid_tokens` of valid_dir) in mlx-lm's text
     format, deterministic by seed. Returns a summary of both, also written as summary.json."""
     if not 0 <= needle_fraction <= 1:
@@ -155,9 +157,9 @@ def write_data(folder, tokenizer, train_dir, valid_dir, seq_len: int, tokens: in
     with atomic_folder(folder) as tmp:
         summary = {
             "train": write_rows(tmp / "train.jsonl", tokenizer, text_files(train_dir), tokens, seq_len,
-                                needle_fraction, train_rng, "train.jsonl"),
+                                needle_fraction, train_rng, "train.jsonl", tasks),
             "valid": write_rows(tmp / "valid.jsonl", tokenizer, text_files(valid_dir), valid_tokens, seq_len,
-                                needle_fraction, valid_rng, "valid.jsonl"),
+                                needle_fraction, valid_rng, "valid.jsonl", tasks),
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

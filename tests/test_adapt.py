@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_titans.adapt import main as adapt, sample_loss, token_losses
+from mlx_titans.adapt import main as adapt, sample_loss, token_losses, value_and_grad
 from mlx_titans.fuse import main as fuse
 from mlx_titans.generate import main as generate
 from mlx_titans.qwen import load
@@ -55,24 +55,27 @@ def open_gates(model, scale=0.5):
             layer.memory_gate = scale * mx.random.normal(layer.memory_gate.shape, key=mx.random.key(i))
 
 
-def gradients(model, checkpoint, last_segment_only=True, n=64):
+def gradients(model, segmented, last_segment_only=True, n=64):
+    """Loss and gradients of a 4-segment sample: segment by segment (adapt's default) or as one graph."""
     tokens = mx.random.randint(3, 900, (2, n + 1), key=mx.random.key(1))
     weights = mx.ones((2, n)) * (mx.arange(n) >= n - 16) if last_segment_only else mx.ones((2, n))
-    loss_fn = lambda m: sample_loss(m, tokens[:, :-1], tokens[:, 1:], weights, mx.array([False, False]),
-                                    checkpoint=checkpoint)
-    loss, grads = nn.value_and_grad(model, loss_fn)(model)
+    args = (tokens[:, :-1], tokens[:, 1:], weights, mx.array([False, False]))
+    if segmented:
+        loss, grads = value_and_grad(model, *args)
+    else:
+        loss, grads = nn.value_and_grad(model, lambda m: sample_loss(m, *args))(model)
     mx.eval(loss, grads)
     return loss, dict(tree_flatten(grads))
 
 
-def test_checkpointed_segments_give_the_unrolled_gradients(base):
-    """Each segment recomputed in the backward pass (bounded activation memory) gives exactly the gradients of the
-    whole sample's graph, and a loss on the last segment alone reaches the memory's store projections through the
-    cache of the segments before it."""
+def test_segment_by_segment_gives_the_unrolled_gradients(base):
+    """The backward pass segment by segment, each recomputed (memory bounded by a segment), gives exactly the
+    gradients of the whole sample's graph, through the window's rotations and compactions of four segments; and a
+    loss on the last segment alone reaches the memory's store projections through the caches before it."""
     model, _, _ = load(base / "titans")
     make_trainable(model)
     open_gates(model)
-    (loss_a, a), (loss_b, b) = gradients(model, checkpoint=False), gradients(model, checkpoint=True)
+    (loss_a, a), (loss_b, b) = gradients(model, segmented=False), gradients(model, segmented=True)
     assert loss_a.item() == loss_b.item() and set(a) == set(b)
     assert all(mx.array_equal(a[k], b[k]).item() for k in a)
     assert mx.abs(a["model.layers.0.memory.to_keys.weight"]).max().item() > 1e-4
@@ -85,7 +88,7 @@ def test_memory_updates_off_leave_the_store_path_without_gradient(base):
     model, _, _ = load(base / "titans", memory={"max_lr": 0.0, "max_decay": 0.0})
     make_trainable(model)
     open_gates(model)
-    _, grads = gradients(model, checkpoint=True, last_segment_only=False)
+    _, grads = gradients(model, segmented=True, last_segment_only=False)
     for name in ("to_keys", "to_values", "to_lr", "to_momentum", "to_decay"):
         assert mx.abs(grads[f"model.layers.0.memory.{name}.weight"]).max().item() == 0, name
     assert mx.abs(grads["model.layers.0.memory.to_queries.weight"]).max().item() > 0

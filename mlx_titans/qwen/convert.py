@@ -141,3 +141,7 @@ def main(argv=None):
         print(f"wrote {args.mlx_path}")
     return code
 
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
