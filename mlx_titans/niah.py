@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 
 from .prefill import prefill
-from .tasks import TASKS, answered, make_batch
+from .tasks import answered, make_batch
 
 
 def answer_logits(model, inputs, first: int, block: int):
@@ -33,22 +33,24 @@ def accuracy(model, task, length, samples, batch, seed, block, haystack=None) ->
     return float(np.mean(hits))
 
 
-def plot(rows, path):
-    """Accuracy (%) against context length, a panel per task and a line per model, into the image file `path`;
-    rows: {"model", "task", "length", "accuracy"}."""
+def plot(rows, path, line="model", window=None):
+    """Accuracy (%) against context length, a panel per task and a line per `line` (rows' key naming the model),
+    into the image file `path`; rows: {line, "task", "length", "accuracy"}. `window`: an attention window to mark."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted({r["task"] for r in rows}, key=TASKS.index)
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    models = list(dict.fromkeys(r[line] for r in rows))
     colours = plt.get_cmap("tab10" if len(models) <= 10 else "tab20").colors
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks) + 1.6, 3.4), squeeze=False, sharey=True)
     for ax, task in zip(axes[0], tasks):
         for model, colour in zip(models, colours):
-            pts = sorted((r["length"], 100 * r["accuracy"]) for r in rows if r["task"] == task and r["model"] == model)
+            pts = sorted((r["length"], 100 * r["accuracy"]) for r in rows if r["task"] == task and r[line] == model)
             ax.plot(*zip(*pts), marker="o", label=model, color=colour)
+        if window is not None:
+            ax.axvline(window, color="grey", linestyle="--", label=f"attention window ({window})")
         ax.set_xscale("log", base=2)
         ax.set_title(task)
         ax.set_xlabel("context length (tokens)")

@@ -1,0 +1,137 @@
+"""mlx_titans.text_eval (greedy needle answers and held-out losses through any cache) and benchmarks.niah --qwen."""
+
+import json
+from functools import partial
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+from benchmarks.niah import main
+from mlx_titans.qwen import load
+from mlx_titans.qwen.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, adapter_weights
+from mlx_titans.qwen.convert import convert
+from mlx_titans.qwen.random_model import make_tiny_qwen
+from mlx_titans.text_eval import greedy_continuations, needle_accuracy, needle_samples, text_windows, window_losses
+from mlx_titans.text_needles import read_haystack
+
+SMALL = {"memory_layers": [0, 1], "window": 64, "sink_tokens": 4, "segment_size": 32,
+         "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8}}
+WORDS = ["green", "quiet", "distant", "small", "red", "old", "bright", "heavy"]
+
+
+def write_adapters(model, folder):
+    folder.mkdir()
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(model, 0, 8, 20.0, {})))
+    mx.save_safetensors(str(folder / ADAPTER_WEIGHTS), adapter_weights(model))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny float32 Qwen3 converted to TitansQwen (window 64), its weights scaled up so that its greedy text
+    depends on the prompt, a folder of books, adapters with open gates, and adapters of another model."""
+    root = tmp_path_factory.mktemp("text_eval")
+    make_tiny_qwen(root / "hf", "qwen3", tie=True)
+    convert(root / "hf", root / "titans", dtype="float32", titans=SMALL)
+    file = str(root / "titans" / "model.safetensors")
+    mx.save_safetensors(file, {k: 5 * w if w.ndim == 2 else w for k, w in mx.load(file).items()})
+    rng = np.random.default_rng(0)
+    (root / "books").mkdir()
+    for i in range(2):
+        (root / "books" / f"{i}.txt").write_text(" ".join(f"The {rng.choice(WORDS)} fox number {rng.integers(100)} "
+                                                          f"ran. Was it {rng.choice(WORDS)}?" for _ in range(150)))
+    model, tokenizer, _ = load(root / "titans")
+    for i, layer in enumerate(model.layers):
+        layer.memory_gate = 0.5 * mx.random.normal(layer.memory_gate.shape, key=mx.random.key(i))
+    write_adapters(model, root / "adapters")
+    write_adapters(load(root / "titans", window=32)[0], root / "other")
+    return root, tokenizer, read_haystack(root / "books", tokenizer)
+
+
+def test_samples_are_deterministic_and_spread_over_depths(tiny):
+    _, tokenizer, haystack = tiny
+    a, b = (needle_samples("number", tokenizer, haystack, 400, 5, seed=3) for _ in range(2))
+    assert [s.prompt for s in a] == [s.prompt for s in b] and all(len(s.prompt) == 400 for s in a)
+    assert [s.needle_index for s in a] == sorted(s.needle_index for s in a)
+    assert a[0].needle_index < 30 and a[-1].needle_index > 250
+    fixed = needle_samples("number", tokenizer, haystack, 400, 4, seed=3, depths=[0.0, 1.0])
+    assert [s.needle_index < 200 for s in fixed] == [True, False, True, False]
+
+
+def test_window_only_titans_qwen_generates_as_stock_full_attention(tiny):
+    """With a window longer than the prompt and the gate closed, TitansQwen is the base model: the same greedy
+    continuation as stock mlx-lm with full attention, whatever the prefill step."""
+    root, tokenizer, haystack = tiny
+    samples = needle_samples("passkey", tokenizer, haystack, 100, 3, seed=0)
+    titans = load(root / "titans", window=256)[0]
+    stock = mlx_lm.load(str(root / "titans"))[0]
+    expected = greedy_continuations(stock, tokenizer, samples)
+    assert greedy_continuations(titans, tokenizer, samples, step=16) == expected
+    assert len(set(expected)) > 1
+
+
+@pytest.mark.parametrize("method", ["titans", "adapters", "full", "rotating"])
+def test_batched_answers_equal_one_at_a_time(tiny, method):
+    """A batch of samples gets the continuations each sample gets alone (windows evicted: prompts of 100 > 64 + 4)."""
+    root, tokenizer, haystack = tiny
+    if method in ("full", "rotating"):
+        model = mlx_lm.load(str(root / "titans"))[0]
+    else:
+        model = load(root / "titans", adapter_path=root / "adapters" if method == "adapters" else None)[0]
+    make_cache = partial(make_prompt_cache, max_kv_size=68) if method == "rotating" else make_prompt_cache
+    samples = needle_samples("number", tokenizer, haystack, 100, 3, seed=1)
+    batched = greedy_continuations(model, tokenizer, samples, make_cache, step=32)
+    assert batched == [greedy_continuations(model, tokenizer, [s], make_cache, step=32)[0] for s in samples]
+    assert len(set(batched)) > 1
+    accuracy = needle_accuracy(model, tokenizer, samples, make_cache, batch=2, step=32)
+    assert accuracy == np.mean([all(v in t for v in s.values) for t, s in zip(batched, samples)])
+
+
+def test_first_window_loss_is_full_attention_loss(tiny):
+    """The loss of the positions inside the first window is stock full attention's; so is every position's when
+    the window covers the whole text; any prefill step gives the same losses."""
+    root, _, haystack = tiny
+    inputs, targets = text_windows(haystack.ids, 160, 3)
+    assert inputs.shape == targets.shape == (3, 160) and (inputs[:, 1:] == targets[:, :-1]).all()
+    stock = mlx_lm.load(str(root / "titans"))[0]
+    full = window_losses(stock, inputs, targets, 64, 4, step=48)
+    windowed = window_losses(load(root / "titans")[0], inputs, targets, 64, 4, batch=2, step=32)
+    assert windowed[0] == pytest.approx(full[0], rel=1e-5)
+    assert windowed[1] != pytest.approx(full[1], rel=1e-5)  # the window forgets what full attention sees
+    whole = window_losses(load(root / "titans", window=256)[0], inputs, targets, 64, 4, step=160)
+    assert whole == pytest.approx(full, rel=1e-5)
+    assert window_losses(stock, inputs, targets, 160, 4)[1] is None  # no position beyond the window
+    with pytest.raises(ValueError, match="the haystack has"):
+        text_windows(haystack.ids, len(haystack.ids) // 2, 3)
+
+
+def test_cli_writes_every_method_and_bad_input_is_one_error(tiny, tmp_path):
+    root, _, _ = tiny
+    common = ["--qwen", str(root / "titans"), "--haystack", str(root / "books"), "--tasks", "passkey", "number",
+              "--samples", "2", "--batch", "2"]
+    out = tmp_path / "niah.json"
+    main([*common, "--adapters", str(root / "adapters"), "--memory-updates", "on", "off", "--lengths", "100", "140",
+          "--perplexity-length", "128", "--perplexity-windows", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    methods = ["stock mlx-lm, full attention", "stock mlx-lm, rotating cache 64+4", "TitansQwen, no adapters",
+               f"TitansQwen + {root / 'adapters'}", f"TitansQwen + {root / 'adapters'}, memory updates off"]
+    assert [r["method"] for r in result["rows"]] == [m for m in methods for _ in range(4)]
+    assert {(r["task"], r["length"], r["samples"]) for r in result["rows"]} == {
+        (t, n, 2) for t in ("passkey", "number") for n in (100, 140)}
+    assert all(0 <= r["accuracy"] <= 1 and r["seconds"] >= 0 for r in result["rows"])
+    assert [p["method"] for p in result["perplexity"]] == methods
+    losses = {p["method"]: p for p in result["perplexity"]}
+    assert losses[methods[2]]["first_window_loss"] == pytest.approx(losses[methods[0]]["first_window_loss"], rel=1e-5)
+    assert len({p["beyond_window_loss"] for p in result["perplexity"]}) == 5  # the adapters and the frozen memory
+    assert result["titans"]["window"] == 64 and result["settings"]["samples"] == 2 and result["command"]
+    assert out.with_suffix(".png").stat().st_size > 0
+    for bad, message in ((["--qwen", str(tmp_path / "none")], "no model directory"),
+                         (["--haystack", str(tmp_path)], "no .txt files"),
+                         (["--lengths", "20"], "too short"),
+                         (["--adapters", str(root / "other")], "trained for another model"),
+                         (["--adapters", str(root / "books")], "is not an adapters folder")):
+        with pytest.raises(SystemExit, match=f"^error: .*{message}"):
+            main([*common, "--lengths", "100", *bad, "--out", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "bad.json").exists()
