@@ -21,7 +21,8 @@ samples, at depths evenly spread over [0, 1], go to every method (a row of the r
   "TitansQwen + A, memory updates off"    the same memory frozen at its learned initial weights (--memory-updates
                                           off): what the gates and LoRA do without the memory's test-time learning
 --perplexity-length N adds each method's held-out loss over --perplexity-windows windows of N haystack tokens: of
-the tokens in the first W positions (where the window sees everything) and of those beyond the window and sinks.
+the tokens in the first W positions (where the window sees everything) and of those beyond the window (from the
+first segment whose attention misses a token: TitansQwenConfig.first_beyond_window).
 """
 
 import argparse
@@ -151,7 +152,8 @@ def titans_qwen(args):
             tqdm.write(f"{name}: {task} at {length} tokens: {100 * acc:.1f}%")
         if args.perplexity_length:
             start = time.perf_counter()
-            first, beyond = window_losses(model, *windows, titans.window, titans.sink_tokens, make_cache, step=step)
+            first, beyond = window_losses(model, *windows, titans.window, titans.first_beyond_window, make_cache,
+                                          step=step)
             bar.update(args.perplexity_windows)
             perplexity.append({"method": name, "length": args.perplexity_length, "windows": args.perplexity_windows,
                                "first_window_loss": first, "beyond_window_loss": beyond,
@@ -159,7 +161,7 @@ def titans_qwen(args):
                                "beyond_window_perplexity": None if beyond is None else math.exp(beyond),
                                "seconds": round(time.perf_counter() - start, 2)})
             tqdm.write(f"{name}: loss {first:.4f} in the first {titans.window} positions"
-                       + ("" if beyond is None else f", {beyond:.4f} beyond the window and sinks"))
+                       + ("" if beyond is None else f", {beyond:.4f} beyond the window"))
     bar.close()
     return {"titans": titans.to_section(), "rows": rows, "perplexity": perplexity}, {"line": "method",
                                                                                       "window": titans.window}

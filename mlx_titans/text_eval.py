@@ -3,7 +3,7 @@
     samples = needle_samples("number", tokenizer, haystack, length=4096, count=50, seed=0)
     needle_accuracy(model, tokenizer, samples)                                   # the model's own cache
     needle_accuracy(stock, tokenizer, samples, partial(make_prompt_cache, max_kv_size=4100))   # mlx-lm's rotating
-    window_losses(model, *text_windows(haystack.ids, length=8192, count=16), window=4096, sinks=4)
+    window_losses(model, *text_windows(haystack.ids, length=8192, count=16), 4096, model.titans.first_beyond_window)
 
 `make_cache(model)` makes the cache a prompt is read through: mlx_lm.models.cache.make_prompt_cache (the default)
 gives a TitansQwen its own bounded cache and a stock mlx-lm model full attention (KVCache), and with max_kv_size=W
@@ -78,13 +78,14 @@ def text_windows(ids, length: int, count: int) -> tuple:
     return inputs, targets
 
 
-def window_losses(model, inputs, targets, window: int, sinks: int, make_cache=make_prompt_cache, batch=1,
+def window_losses(model, inputs, targets, window: int, beyond_from: int, make_cache=make_prompt_cache, batch=1,
                   step=PREFILL_STEP) -> tuple:
     """Mean next-token losses (nats) of windows (count, length) of text (`text_windows`): (of the tokens at
-    positions < window, of those at positions >= window + sinks; None when there are none). Each window goes
+    positions < window, where a window sees everything before them; of those at positions >= beyond_from, e.g.
+    TitansQwenConfig.first_beyond_window, where it no longer does; None when there are none). Each window goes
     through a new cache `step` tokens per call, `batch` windows at a time, the logits of one call at a time."""
     position = np.arange(inputs.shape[1])
-    first, beyond = position < window, position >= window + sinks
+    first, beyond = position < window, position >= beyond_from
     sums, counts = {"first": mx.array(0.0), "beyond": mx.array(0.0)}, {"first": 0, "beyond": 0}
     for b in range(0, len(inputs), batch):
         rows = slice(b, b + batch)

@@ -96,13 +96,13 @@ def test_first_window_loss_is_full_attention_loss(tiny):
     inputs, targets = text_windows(haystack.ids, 160, 3)
     assert inputs.shape == targets.shape == (3, 160) and (inputs[:, 1:] == targets[:, :-1]).all()
     stock = mlx_lm.load(str(root / "titans"))[0]
-    full = window_losses(stock, inputs, targets, 64, 4, step=48)
-    windowed = window_losses(load(root / "titans")[0], inputs, targets, 64, 4, batch=2, step=32)
+    full = window_losses(stock, inputs, targets, 64, 96, step=48)
+    windowed = window_losses(load(root / "titans")[0], inputs, targets, 64, 96, batch=2, step=32)
     assert windowed[0] == pytest.approx(full[0], rel=1e-5)
     assert windowed[1] != pytest.approx(full[1], rel=1e-5)  # the window forgets what full attention sees
-    whole = window_losses(load(root / "titans", window=256)[0], inputs, targets, 64, 4, step=160)
+    whole = window_losses(load(root / "titans", window=256)[0], inputs, targets, 64, 96, step=160)
     assert whole == pytest.approx(full, rel=1e-5)
-    assert window_losses(stock, inputs, targets, 160, 4)[1] is None  # no position beyond the window
+    assert window_losses(stock, inputs, targets, 160, 164)[1] is None  # no position beyond the window
     with pytest.raises(ValueError, match="the haystack has"):
         text_windows(haystack.ids, len(haystack.ids) // 2, 3)
 

@@ -46,6 +46,12 @@ class TitansQwenConfig:
             bad(f"segment_size {cfg.segment_size} must be a multiple of the memory chunk_size {cfg.memory.chunk_size}")
         return cfg
 
+    @property
+    def first_beyond_window(self) -> int:
+        """The first position whose attention no longer sees every token before it: the start of the first segment
+        whose window begins after the sinks (tokens of segment k see the keys from k * segment_size - window on)."""
+        return ((self.window + self.sink_tokens) // self.segment_size + 1) * self.segment_size
+
     def to_section(self) -> dict:
         memory = self.memory.to_dict()
         del memory["dim"]
