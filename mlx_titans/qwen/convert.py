@@ -26,6 +26,7 @@ from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_tokenizer, quantize_model,
 from tqdm import tqdm
 
 from ..files import atomic_folder, run_reporting_errors
+from ..train import json_arg
 from . import MEMORY_WEIGHTS, build_model, memory_weights, read_qwen_config
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -112,7 +113,7 @@ def titans_section(args) -> dict:
     memory = {"chunk_size": args.chunk_size, "heads": args.memory_heads, "dim_head": args.memory_dim_head,
               "depth": args.memory_depth}
     section = {k: v for k, v in top.items() if v is not None}
-    memory = {k: v for k, v in memory.items() if v is not None}
+    memory = {**args.memory, **{k: v for k, v in memory.items() if v is not None}}
     return {**section, "memory": memory} if memory else section
 
 
@@ -134,6 +135,8 @@ def main(argv=None):
     titans.add_argument("--memory-heads", type=int, help="memory heads")
     titans.add_argument("--memory-dim-head", type=int, help="memory head size")
     titans.add_argument("--memory-depth", type=int, help="memory MLP depth (1: linear memory)")
+    titans.add_argument("--memory", type=json_arg, default={},
+                        help='other MemoryConfig fields as JSON, e.g. \'{"max_decay": 0.1, "init_decay_bias": -4}\'')
     args = parser.parse_args(argv)
     code = run_reporting_errors(lambda: convert(args.hf_path, args.mlx_path, args.quantize, args.q_bits,
                                                 args.q_group_size, args.dtype, titans_section(args)))
