@@ -2,6 +2,7 @@
 
     python -m mlx_titans.adapt --model qwen-titans --data books/ --adapter-path adapters --sample-length 16384
     python -m mlx_titans.adapt --model qwen-titans --data books/ --adapter-path adapters --resume   # continue
+    python -m mlx_titans.adapt --model qwen-titans --data data/ ...   # mlx-lm's train.jsonl, valid.jsonl {"text": ...}
     python -m mlx_titans.generate --model qwen-titans --adapter-path adapters --file book.txt -p "..."
     mlx.launch -n 2 python -m mlx_titans.adapt ...                                 # data parallel
 
@@ -36,7 +37,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .data import random_windows, shard, split_files, valid_windows
+from .data import random_windows, shard, split_files, token_stream, valid_windows
 from .files import atomic_folder, cache_root, save_safetensors_atomic, write_json_atomic
 from .qwen import load as load_titans_qwen
 from .qwen.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, adapter_weights, make_trainable
@@ -151,8 +152,6 @@ def value_and_grad(model, inputs, targets, weights, answer_rows, teacher_hidden=
 def text_streams(data, tokenizer, cache_dir) -> dict:
     """{"train", "valid"}: token streams of a folder of .txt documents (train/ and valid/ subfolders, else every
     10th document is held out) or of mlx-lm's train.jsonl / valid.jsonl {"text": ...} rows."""
-    from .data import token_stream
-
     return {split: token_stream(files, tokenizer.backend_tokenizer, cache_dir, split)
             for split, files in split_files(data).items()}
 
@@ -315,6 +314,7 @@ def setup(c: dict) -> Run:
             raise ValueError(f"the {split} documents hold {len(stream)} tokens, too few for one sample of "
                              f"{c['sample_length']}")
     teacher = load_teacher(c["model"], model) if c["teacher"] == "full" else None
+    mx.random.seed(c["seed"])  # LoRA's random initialization: the same on every process, and in every run
     make_trainable(model, c["lora_layers"], c["lora_rank"], c["lora_scale"])
     haystacks = {split: make_haystack(stream, tokenizer) for split, stream in streams.items()}
     valid = validation_batches(c, streams["valid"], haystacks["valid"], tokenizer)
@@ -412,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, default=None, help=help if "action" in kw else f"{help} (default: {default})", **kw)
 
     add("--model", "a TitansQwen folder (mlx-titans-convert-qwen's output), a 4-bit base included")
-    add("--data", "a folder of .txt documents (train/ and valid/ subfolders, else every 10th is held out)")
+    add("--data", "a folder of .txt documents (train/ and valid/ subfolders, else every 10th is held out), or of "
+        "mlx-lm's train.jsonl and valid.jsonl, each {\"text\": ...} row a document")
     add("--adapter-path", "output folder: adapters.safetensors, adapter_config.json, step-N/ checkpoints, log.jsonl")
     add("--resume", "continue from the newest checkpoint in --adapter-path", action="store_true")
     add("--sample-length", "tokens per training sample (default: 16 x the window)", type=int)
@@ -431,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lora-scale", "LoRA scale", type=float)
     p.add_argument("--no-grad-checkpoint", dest="grad_checkpoint", action="store_false", default=None,
                    help="keep every segment's activations for the backward pass (more memory, less compute)")
-    add("--seed", "seeds the data order", type=int)
+    add("--seed", "seeds the data order and LoRA's initialization", type=int)
     add("--steps-per-report", "steps between progress updates", type=int)
     add("--steps-per-eval", "steps between held-out evaluations (and at the end)", type=int)
     add("--val-batches", "held-out text batches per evaluation (and as many of needles)", type=int)

@@ -1,11 +1,13 @@
-"""Training data: text folders to token streams, random training windows, a fixed validation set, synthetic tasks,
-and mixtures of needle samples hidden in book text with plain text windows (benchmarks/reproduce.py's training data).
+"""Training data: folders of text documents (.txt files, or mlx-lm's train.jsonl / valid.jsonl) to token streams,
+random training windows, a fixed validation set, synthetic tasks, and mixtures of needle samples hidden in book text
+with plain text windows (benchmarks/reproduce.py's training data).
 
 Every source gives global batches `(inputs, targets, loss_mask)` of numpy arrays, each (batch, length); under
 data parallelism each process trains on its own rows of the global batch (`shard`).
 """
 
 import importlib
+import json
 import os
 from functools import cache
 from pathlib import Path
@@ -18,14 +20,23 @@ from .tokenizer import EOS, read_text
 
 
 def split_files(folder) -> dict:
-    """{"train": [...], "valid": [...]} .txt files: from train/ and valid/ subfolders, else every 10th file is valid."""
+    """{"train": [...], "valid": [...]} document files: .txt files of train/ and valid/ subfolders; else mlx-lm's
+    text layout, train.jsonl and valid.jsonl (each row {"text": ...} a document); else every 10th .txt file is valid."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"data folder {folder} does not exist")
     if (folder / "train").is_dir() and (folder / "valid").is_dir():
         splits = {split: sorted((folder / split).rglob("*.txt")) for split in ("train", "valid")}
+    elif (folder / "train.jsonl").is_file() or (folder / "valid.jsonl").is_file():
+        splits = {split: [folder / f"{split}.jsonl"] for split in ("train", "valid")}
+        for split, (file,) in splits.items():
+            if not file.is_file():
+                raise ValueError(f"data folder {folder} has no {split}.jsonl (mlx-lm's layout needs train.jsonl and "
+                                 "valid.jsonl)")
     else:
         files = sorted(folder.rglob("*.txt"))
+        if not files:
+            raise ValueError(f"data folder {folder} has no .txt files, nor train.jsonl and valid.jsonl")
         if len(files) == 1:
             raise ValueError(f"data folder {folder} has one .txt file; a split by file needs at least 2")
         splits = {"train": [f for i, f in enumerate(files) if i % 10], "valid": files[::10]}
@@ -35,16 +46,37 @@ def split_files(folder) -> dict:
     return splits
 
 
+def documents(file) -> list:
+    """The documents of a file: a .txt file is one; each row of a .jsonl file is one, its "text" (mlx-lm's format)."""
+    if Path(file).suffix != ".jsonl":
+        return [read_text(file)]
+    texts = []
+    for number, line in enumerate(read_text(file).split("\n"), 1):  # not splitlines: rows may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file} line {number} is not JSON: {e}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ValueError(f'{file} line {number} has no "text" string (mlx-lm\'s text format: {{"text": ...}})')
+        texts.append(row["text"])
+    if not texts:
+        raise ValueError(f"{file} has no rows")
+    return texts
+
+
 def token_stream(files, tokenizer, cache_dir, name: str) -> np.ndarray:
-    """The files encoded and joined, each followed by EOS; cached as a .npy keyed by the tokenizer and the files'
-    paths, sizes and modification times."""
+    """The files' documents encoded and joined, each followed by EOS; cached as a .npy keyed by the tokenizer and the
+    files' paths, sizes and modification times."""
     key = fingerprint({"tokenizer": tokenizer.to_str(),
                        "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]})
     path = Path(cache_dir) / f"tokens-{name}-{key}.npy"
     if not path.exists():
         dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
         eos = np.array([tokenizer.token_to_id(EOS)], dtype=dtype)
-        parts = [part for f in files for part in (np.array(tokenizer.encode(read_text(f)).ids, dtype=dtype), eos)]
+        parts = [part for f in files for text in documents(f)
+                 for part in (np.array(tokenizer.encode(text).ids, dtype=dtype), eos)]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
         np.save(tmp, np.concatenate(parts))

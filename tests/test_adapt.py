@@ -1,6 +1,9 @@
 """mlx_titans.adapt (memory adapters on a frozen TitansQwen), the adapter layout, loading and fusing them."""
 
 import json
+import shutil
+import subprocess
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -8,13 +11,15 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_titans.adapt import main as adapt, sample_loss, token_losses, value_and_grad
+from mlx_titans.adapt import main as adapt, sample_loss, text_streams, token_losses, value_and_grad
 from mlx_titans.fuse import main as fuse
 from mlx_titans.generate import main as generate
-from mlx_titans.qwen import load
+from mlx_titans.qwen import MEMORY_WEIGHTS, load, memory_weights
 from mlx_titans.qwen.adapters import make_trainable
 from mlx_titans.qwen.convert import convert
 from mlx_titans.qwen.random_model import make_tiny_qwen
+from mlx_titans.tokenizer import EOS
+from test_train import REPO, free_port, mlx_launch
 
 SMALL = {"memory_layers": [0, 1], "window": 16, "sink_tokens": 4, "segment_size": 16,
          "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8}}
@@ -169,3 +174,75 @@ def test_bad_input_is_one_error_line_and_writes_nothing(base, tmp_path, capsys):
     capsys.readouterr()
     assert adapt(flags(base, out, "--iters", "1")) == 1
     assert "already holds adapters" in capsys.readouterr().err
+
+
+def write_jsonl(folder, splits: dict) -> None:
+    """{split: rows}: FOLDER/split.jsonl, a row a line."""
+    folder.mkdir(parents=True)
+    for split, rows in splits.items():
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_jsonl_folder_is_the_same_documents_as_txt_files(base, tmp_path, capsys):
+    """mlx-lm's layout (train.jsonl, valid.jsonl of {"text": ...} rows): each row a document, joined with EOS as
+    .txt files are, so the same documents give the same token streams; and adapt trains on it."""
+    jsonl = tmp_path / "jsonl"
+    write_jsonl(jsonl, {split: [{"text": f.read_text()} for f in sorted((base / "docs" / split).glob("*.txt"))]
+                        for split in ("train", "valid")})
+    _, tokenizer, _ = load(base / "titans")
+    txt, rows = (text_streams(folder, tokenizer, tmp_path / "cache") for folder in (base / "docs", jsonl))
+    eos = tokenizer.backend_tokenizer.token_to_id(EOS)
+    for split, documents in (("train", 6), ("valid", 2)):
+        assert np.array_equal(txt[split], rows[split]) and (np.asarray(rows[split]) == eos).sum() == documents
+    assert adapt(flags(base, tmp_path / "adapters", "--iters", "1", "--data", jsonl)) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 1
+
+
+def test_bad_data_folder_is_one_error_line(base, tmp_path, capsys):
+    row = {"text": "The quiet fox ran. " * 200}
+    cases = {
+        "neither": ({}, "no .txt files, nor train.jsonl and valid.jsonl"),
+        "no valid": ({"train": [row]}, "has no valid.jsonl"),
+        "no text": ({"train": [row], "valid": [row, {"prompt": "a", "completion": "b"}]},
+                    'valid.jsonl line 2 has no "text"'),
+        "empty split": ({"train": [], "valid": [row]}, "train.jsonl has no rows"),
+    }
+    for name, (splits, message) in cases.items():
+        folder = tmp_path / name
+        write_jsonl(folder, splits)
+        out = tmp_path / f"adapters-{name}"
+        assert adapt(flags(base, out, "--data", folder)) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") <= 2, (name, err)
+        assert not out.exists()
+
+
+def test_two_processes_train_as_one(base, tmp_path):
+    """One step on 2 processes, each on its row of the global batch (seed 0: a text row and a needle row) == one
+    process on the whole batch. The gates are open, so that every memory weight gets a gradient (closed, only the
+    gates and LoRA's B would), and LoRA is on, so its random initialization must be the same on every process.
+    Exact to ~2e-6 with MLX's own CPU matmuls; with openblas preloaded a 1-row and a 2-row matmul round differently
+    and the bfloat16 base's gradients differ by ~1% (in one process too), so the adapters (Adam's first step) do not
+    agree to 1e-5 there."""
+    launcher = mlx_launch()
+    opened = tmp_path / "opened"
+    shutil.copytree(base / "titans", opened)
+    model, _, _ = load(opened)
+    open_gates(model)
+    mx.save_safetensors(str(opened / MEMORY_WEIGHTS), memory_weights(model))
+    extra = ["--iters", "1", "--warmup", "0", "--lora-layers", "1", "--lora-rank", "2", "--model", opened]
+    proc = subprocess.run([launcher, "-n", "2", "--backend", "ring", "--starting-port", str(free_port()),
+                           sys.executable, "-m", "mlx_titans.adapt", *flags(base, tmp_path / "two", *extra)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert adapt(flags(base, tmp_path / "one", *extra)) == 0
+    one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
+    assert one["processes"] == 1 and two["processes"] == 2 and two["ranks_in_sync"]
+    assert abs(one["train_loss"] - two["train_loss"]) < 1e-5
+    norms = [json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[0])["grad_norm"]
+             for name in ("one", "two")]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5)
+    a, b = (mx.load(str(tmp_path / name / "adapters.safetensors")) for name in ("one", "two"))
+    assert a.keys() == b.keys() and any(k.endswith("lora_a") for k in a)
+    for k in a:
+        assert mx.allclose(a[k], b[k], rtol=0, atol=1e-5), (k, mx.abs(a[k] - b[k]).max().item())
