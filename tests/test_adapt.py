@@ -246,3 +246,17 @@ def test_two_processes_train_as_one(base, tmp_path):
     assert a.keys() == b.keys() and any(k.endswith("lora_a") for k in a)
     for k in a:
         assert mx.allclose(a[k], b[k], rtol=0, atol=1e-5), (k, mx.abs(a[k] - b[k]).max().item())
+
+
+@pytest.mark.benchmark
+def test_adapt_memory_benchmark(base, tmp_path):
+    """benchmarks.adapt_memory: a row per length and mode, the segment by segment step never above one graph's."""
+    from benchmarks.adapt_memory import main as adapt_memory
+
+    out = tmp_path / "adapt_memory.json"
+    assert adapt_memory(["--model", str(base / "titans"), "--multiples", "2", "4", "--repeats", "1",
+                         "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["length"], r["checkpoint"]) for r in rows] == [(32, True), (32, False), (64, True), (64, False)]
+    assert all(a["peak_memory_gb"] <= b["peak_memory_gb"] for a, b in zip(rows[::2], rows[1::2]))
+    assert out.with_suffix(".png").stat().st_size > 0

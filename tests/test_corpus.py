@@ -90,6 +90,7 @@ def test_needle_rows_hold_question_and_answer(work):
         assert values and all(v in hay for v in values), (question, answer)
 
 
+@pytest.mark.benchmark
 def test_train_and_fuse_write_a_model_mlx_lm_loads(work, tmp_path, capsys):
     root, args = work
     assert main([*args, "train", "fuse"]) == 0

@@ -12,6 +12,8 @@ from mlx_titans.tasks import make_batch
 from mlx_titans.train import find_checkpoint
 from test_reproduce import TINY, write_stream
 
+pytestmark = pytest.mark.benchmark  # smoke tests of a benchmarks/ command line, at tiny sizes
+
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):

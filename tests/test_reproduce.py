@@ -13,6 +13,8 @@ from benchmarks.reproduce import run_child, settings
 from mlx_titans.data import mixed_batch
 from mlx_titans.tasks import FIRST_SYMBOL, NEEDLE, QUERY
 
+pytestmark = pytest.mark.benchmark  # smoke tests of a benchmarks/ command line, at tiny sizes
+
 TEXT_VOCAB = 200
 TINY = ["--dim", "32", "--layers", "1", "--heads", "2", "--window", "32", "--persistent-tokens", "2",
         "--memory", '{"chunk_size": 16, "heads": 2, "max_grad_norm": 1.0}', "--seq-len", "64", "--batch-size", "4",

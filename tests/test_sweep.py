@@ -4,6 +4,8 @@ import pytest
 
 from benchmarks.sweep import main as sweep
 
+pytestmark = pytest.mark.benchmark  # smoke tests of a benchmarks/ command line, at tiny sizes
+
 TRAIN = ["--task", "passkey", "--vocab-size", "64", "--dim", "16", "--layers", "1", "--heads", "2", "--window", "8",
          "--seq-len", "32", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--log-every", "1",
          "--eval-batches", "1", "--dtype", "float32"]

@@ -107,6 +107,7 @@ def test_first_window_loss_is_full_attention_loss(tiny):
         text_windows(haystack.ids, len(haystack.ids) // 2, 3)
 
 
+@pytest.mark.benchmark
 def test_cli_writes_every_method_and_bad_input_is_one_error(tiny, tmp_path):
     root, _, _ = tiny
     common = ["--qwen", str(root / "titans"), "--haystack", str(root / "books"), "--tasks", "passkey", "number",
