@@ -8,6 +8,10 @@ float32 projections and memory MLPs read per token, and per chunk a gradient ste
 
     decode tok/s  ~ bandwidth / decode_bytes(...)        prefill tok/s ~ FLOP/s / prefill_flops(...)
 
+Training memory adapters (mlx_titans.adapt) is bound by arithmetic too, about three forwards per token
+(adapt_flops), in a peak memory of the weights, the cache kept at every segment's start and one segment's
+activations (adapt_peak_bytes).
+
 The sizes come from the config alone (checked against built models in tests/test_context_scaling.py).
 """
 
@@ -123,17 +127,102 @@ def mean_attended(method: str, context: int, titans: dict, max_kv_size: int) -> 
     return (k * (k + 1) / 2 + (context - k) * k) / context
 
 
+def attention_flops(config, method, context, titans, max_kv_size) -> float:
+    """Attention's FLOPs per token of a `context`-token prompt: scores and weighted values, 4 * heads * head_dim
+    per layer for every key a query attends."""
+    s = Shapes.from_config(config)
+    return 4 * s.layers * s.heads * s.head_dim * mean_attended(method, context, titans, max_kv_size)
+
+
 def prefill_flops(config, method, context, titans, max_kv_size) -> float:
     """FLOPs per token of a `context`-token prompt (the output layer only runs on the last token: left out).
     The memory: its projections, and per token a retrieval through the memory MLP plus the update's forward and
     backward of the keys (about 4 MLP passes)."""
     s = Shapes.from_config(config)
-    flops = 2 * s.layers * layer_matrix_params(s)
-    flops += 4 * s.layers * s.heads * s.head_dim * mean_attended(method, context, titans, max_kv_size)
+    flops = 2 * s.layers * layer_matrix_params(s) + attention_flops(config, method, context, titans, max_kv_size)
     if method == "titans":
         mem = memory_sizes(titans, s.hidden)
         flops += len(titans["memory_layers"]) * (2 * mem["matrices"] + 8 * mem["mlp"])
     return flops
+
+
+# ---------------------------------------------------------------- one adapter training step (mlx_titans.adapt)
+ADAPT_FORWARDS = 3  # the sweep, the recomputation, the backward (input gradients only): see adapt_flops
+
+
+def adapt_flops(config, titans, sample_length: int) -> float:
+    """FLOPs per trained token of one step of mlx_titans.adapt (segment by segment, its default).
+
+    Counted as ADAPT_FORWARDS = 3 forwards, each with logits for every token (the loss reads them all), plus one
+    more forward's attention:
+    - the forward sweep (loss and the cache at each segment's start) and each segment's recomputation inside mx.vjp
+      are one forward each;
+    - the backward: the base is frozen, so it needs only input gradients, one product per weight (dx = dy W^T, as
+      many FLOPs as the forward's y = x W; no weight gradients, which would be another forward's worth), but
+      attention's backward takes four products per key (dV, dP, dQ, dK) where its forward takes two (S, PV).
+    The memory layers (~2% of the FLOPs of Qwen2.5-0.5B or 7B with the default titans section) are counted at 3
+    forwards too, though being trained and differentiated through their own update they cost more: a small
+    under-count."""
+    s = Shapes.from_config(config)
+    forward = prefill_flops(config, "titans", sample_length, titans, None) + 2 * s.vocab * s.hidden
+    return ADAPT_FORWARDS * forward + attention_flops(config, "titans", sample_length, titans, None)
+
+
+def memory_state_bytes(titans: dict, hidden: int, batch: int = 1) -> int:
+    """One memory layer's MemoryState at a chunk boundary (float32, nothing left in its remainder): per head the
+    memory MLP's weights, as many again per momentum order and for the gradient reference (kept with mini-batches
+    of other than one chunk), and the convolution's caches."""
+    m = titans["memory"]
+    inner = m["heads"] * (m["dim_head"] or hidden // m["heads"])
+    reference = m["batch_size"] is not None and m["batch_size"] != m["chunk_size"]
+    copies = 1 + m["momentum"] * m["momentum_order"] + reference
+    conv = (m["conv_size"] - 1) * 3 * inner if m["conv_size"] else 0
+    return batch * (copies * memory_sizes(titans, hidden)["mlp"] + conv) * FLOAT32
+
+
+def cache_bytes(config: dict, titans: dict, offset: int, batch: int = 1, dtype_bytes=2) -> int:
+    """All layers' TitansCache arrays at a segment boundary `offset` > 0 tokens in: the keys and values of the
+    sinks and the window (of every token before the window fills), and the memory layers' states. A RoPE whose
+    rotations do not compose (YaRN) also keeps keys before RoPE: not counted."""
+    held = min(offset, titans["sink_tokens"] + titans["window"])
+    memory = len(titans["memory_layers"]) * memory_state_bytes(titans, config["hidden_size"], batch)
+    return batch * kv_bytes_per_token(config, dtype_bytes) * held + memory
+
+
+def segment_activation_bytes(config: dict, titans: dict, batch: int = 1, dtype_bytes=2) -> float:
+    """A rough count of what one segment's backward holds (mx.vjp of the segment): per token, the logits, their
+    float32 copy and its gradient, and per layer the residual stream and the two norms' outputs, the queries and
+    attention output, the MLP's gate, up and their product (model dtype); the keys and values attended (sinks,
+    window and the segment); in memory layers per token the float32 queries, keys, values and the memory MLP's
+    hidden activations (3 per hidden unit: the store's forward, its gradient, the read), and per chunk the memory
+    weights after it, their momentum and the chunk's gradient; and one layer's attention probabilities and their
+    gradient in float32 (assuming the backward of mx.fast.scaled_dot_product_attention is MLX's unfused fallback;
+    a fused one would drop this term). Temporaries of the kernels and MLX's graph bookkeeping are not counted."""
+    s, m, g = Shapes.from_config(config), titans["memory"], titans["segment_size"]
+    memory_layers, keys = len(titans["memory_layers"]), titans["sink_tokens"] + titans["window"] + g
+    inner = m["heads"] * (m["dim_head"] or s.hidden // m["heads"])
+    per_token = s.vocab * (dtype_bytes + 2 * FLOAT32)
+    per_token += s.layers * (3 * s.hidden + 2 * s.heads * s.head_dim + 3 * s.intermediate) * dtype_bytes
+    per_token += memory_layers * (3 + 3 * m["expansion"] * (m["depth"] - 1)) * inner * FLOAT32
+    chunk_states = (2 + m["momentum"] * m["momentum_order"]) * memory_sizes(titans, s.hidden)["mlp"] * FLOAT32
+    chunk_states *= memory_layers * g // m["chunk_size"]
+    probabilities = 2 * s.heads * g * keys * FLOAT32
+    return batch * (g * per_token + kv_bytes_per_token(config, dtype_bytes) * keys + chunk_states + probabilities)
+
+
+def adapt_peak_bytes(config, titans, sample_length: int, batch=1, bits=4, group_size=64, dtype_bytes=2) -> dict:
+    """Peak memory of one step of mlx_titans.adapt, by part: 'weights' (the whole model at `bits`), 'gradients'
+    (the memory layers' float32 gradients: the running sum and one segment's), 'optimizer' (AdamW's two moments of
+    them), 'caches' (the cache at each segment's start, kept through the step: see cache_bytes), 'activations'
+    (one segment's: see segment_activation_bytes), and their 'total'."""
+    trainable = len(titans["memory_layers"]) * sum(memory_sizes(titans, config["hidden_size"]).values()) * FLOAT32
+    size = titans["segment_size"]
+    parts = {"weights": weight_bytes(config, "titans", titans, bits, group_size, dtype_bytes),
+             "gradients": 2 * trainable, "optimizer": 2 * trainable,
+             "caches": sum(cache_bytes(config, titans, min(start, sample_length), batch, dtype_bytes)
+                           for start in range(size, sample_length + size, size)),
+             "activations": segment_activation_bytes(config, titans, batch, dtype_bytes)}
+    return {**parts, "total": sum(parts.values())}
 
 
 def fit_time_per_token(work, seconds_per_token) -> dict:
