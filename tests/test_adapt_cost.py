@@ -91,6 +91,7 @@ def test_a_step_costs_three_forwards_and_the_attention_backward():
     assert cost_model.adapt_flops(config, titans, 131072) / cost_model.adapt_flops(config, titans, 16384) < 1.03
 
 
+@pytest.mark.benchmark
 def test_cli_table_and_check(tmp_path, capsys):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
