@@ -75,10 +75,12 @@ def test_peak_is_near_a_measured_step():
     args = (tokens[:, :-1], tokens[:, 1:], mx.ones((1, 128)), mx.array([False]))
     mx.eval(value_and_grad(model, *args))
     mx.clear_cache()
+    held = mx.get_active_memory()  # the weights, and whatever earlier tests of this process left alive
     mx.reset_peak_memory()
     mx.eval(value_and_grad(model, *args))
     peak = cost_model.adapt_peak_bytes(TINY, titans, 128, bits=None, dtype_bytes=4)
-    assert 0.5 < (peak["total"] - peak["optimizer"]) / mx.get_peak_memory() < 1.5
+    step = peak["total"] - peak["optimizer"] - peak["weights"]
+    assert 0.5 < step / (mx.get_peak_memory() - held) < 1.5
 
 
 def test_a_step_costs_three_forwards_and_the_attention_backward():
