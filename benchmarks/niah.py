@@ -46,7 +46,7 @@ from mlx_titans.niah import accuracy, plot
 from mlx_titans.qwen import TitansQwenConfig, build_model, load, read_qwen_config
 from mlx_titans.qwen.adapters import load_adapters
 from mlx_titans.tasks import TASKS
-from mlx_titans.text_eval import needle_accuracy, needle_samples, text_windows, window_losses
+from mlx_titans.text_eval import answer_loss, needle_accuracy, needle_samples, text_windows, window_losses
 from mlx_titans.text_needles import TASKS as TEXT_TASKS, read_haystack
 from mlx_titans.train import find_checkpoint, json_arg
 
@@ -147,9 +147,10 @@ def titans_qwen(args):
         for (task, length), group in samples.items():
             start = time.perf_counter()
             acc = needle_accuracy(model, tokenizer, group, make_cache, args.batch, step, bar.update)
-            rows.append({"method": name, "task": task, "length": length, "accuracy": acc, "samples": len(group),
-                         "seconds": round(time.perf_counter() - start, 2)})
-            tqdm.write(f"{name}: {task} at {length} tokens: {100 * acc:.1f}%")
+            loss = answer_loss(model, tokenizer, group, make_cache, args.batch, step)
+            rows.append({"method": name, "task": task, "length": length, "accuracy": acc, "answer_loss": loss,
+                         "samples": len(group), "seconds": round(time.perf_counter() - start, 2)})
+            tqdm.write(f"{name}: {task} at {length} tokens: {100 * acc:.1f}%, answer loss {loss:.3f}")
         if args.perplexity_length:
             start = time.perf_counter()
             first, beyond = window_losses(model, *windows, titans.window, titans.first_beyond_window, make_cache,

@@ -2,6 +2,7 @@
 
     samples = needle_samples("number", tokenizer, haystack, length=4096, count=50, seed=0)
     needle_accuracy(model, tokenizer, samples)                                   # the model's own cache
+    answer_loss(model, tokenizer, samples)                      # the answers' loss, read after their prompts
     needle_accuracy(stock, tokenizer, samples, partial(make_prompt_cache, max_kv_size=4100))   # mlx-lm's rotating
     window_losses(model, *text_windows(haystack.ids, length=8192, count=16), 4096, model.titans.first_beyond_window)
 
@@ -67,6 +68,24 @@ def needle_accuracy(model, tokenizer, samples, make_cache=make_prompt_cache, bat
         if progress is not None:
             progress(len(part))
     return float(np.mean(hits))
+
+
+def answer_loss(model, tokenizer, samples, make_cache=make_prompt_cache, batch=8, step=PREFILL_STEP) -> float:
+    """Mean next-token loss (nats) of the answer sentences' tokens read after their prompts (teacher forcing): a
+    graded view of what greedy accuracy only counts when it is whole. `batch` samples (one prompt length) at a time."""
+    total, count = 0.0, 0
+    for start in range(0, len(samples), batch):
+        part = samples[start : start + batch]
+        answers = [list(tokenizer.encode(s.answer, add_special_tokens=False)) for s in part]
+        width = max(map(len, answers))
+        padded = mx.array([a + [0] * (width - len(a)) for a in answers])
+        mask = mx.array([[i < len(a) for i in range(width)] for a in answers])
+        cache = make_cache(model)
+        first = prefill(model, mx.array([s.prompt for s in part]), cache, step)[:, None]
+        logits = mx.concatenate([first, model(padded[:, :-1], cache=cache)], axis=1) if width > 1 else first
+        ce = nn.losses.cross_entropy(logits.astype(mx.float32), padded) * mask
+        total, count = total + ce.sum().item(), count + int(mask.sum().item())
+    return total / count
 
 
 def text_windows(ids, length: int, count: int) -> tuple:

@@ -4,6 +4,7 @@ import json
 from functools import partial
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from mlx_titans.qwen import load
 from mlx_titans.qwen.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, adapter_weights
 from mlx_titans.qwen.convert import convert
 from mlx_titans.qwen.random_model import make_tiny_qwen
-from mlx_titans.text_eval import greedy_continuations, needle_accuracy, needle_samples, text_windows, window_losses
+from mlx_titans.text_eval import answer_loss, greedy_continuations, needle_accuracy, needle_samples, text_windows, window_losses
 from mlx_titans.text_needles import read_haystack
 
 SMALL = {"memory_layers": [0, 1], "window": 64, "sink_tokens": 4, "segment_size": 32,
@@ -70,6 +71,23 @@ def test_window_only_titans_qwen_generates_as_stock_full_attention(tiny):
     expected = greedy_continuations(stock, tokenizer, samples)
     assert greedy_continuations(titans, tokenizer, samples, step=16) == expected
     assert len(set(expected)) > 1
+
+
+def test_answer_loss_is_the_answers_cross_entropy_after_the_prompt(tiny):
+    """Read through a bounded cache, batched (answers of several lengths, padded), the answer loss is the cross-entropy
+    of the answer tokens in one uncached forward of prompt + answer, one sample at a time."""
+    root, tokenizer, haystack = tiny
+    model = load(root / "titans", adapter_path=root / "adapters")[0]
+    samples = needle_samples("uuid", tokenizer, haystack, 120, 4, seed=2)
+    answers = [tokenizer.encode(s.answer, add_special_tokens=False) for s in samples]
+    assert len({len(a) for a in answers}) > 1
+    total = 0.0
+    for sample, answer in zip(samples, answers):
+        ids = mx.array([sample.prompt + answer])
+        logits = model(ids[:, :-1])[:, len(sample.prompt) - 1 :].astype(mx.float32)
+        total += nn.losses.cross_entropy(logits, ids[:, len(sample.prompt) :]).sum().item()
+    expected = total / sum(map(len, answers))
+    assert answer_loss(model, tokenizer, samples, batch=2, step=32) == pytest.approx(expected, rel=1e-3)  # BLAS order
 
 
 @pytest.mark.parametrize("method", ["titans", "adapters", "full", "rotating"])
