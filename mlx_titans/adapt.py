@@ -25,7 +25,6 @@ sentence only, with cross-entropy, weighted so that a needle row weighs as much 
 
 import argparse
 import json
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +37,11 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .data import random_windows, shard, split_files, token_stream, valid_windows
-from .files import atomic_folder, cache_root, save_safetensors_atomic, write_json_atomic
+from .files import cache_root, save_safetensors_atomic, write_json_atomic
 from .qwen import load as load_titans_qwen
 from .qwen.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, adapter_weights, make_trainable
 from .text_needles import TASKS, make_haystack, training_row
-from .train import barrier, checkpoints, lr_schedule, ranks_in_sync, step_loop
+from .train import barrier, checkpoints, lr_schedule, ranks_in_sync, read_checkpoint, step_loop, write_checkpoint
 
 DEFAULTS = {
     "model": None, "data": None, "adapter_path": "adapters", "resume": False,
@@ -320,14 +319,12 @@ def setup(c: dict) -> Run:
     valid = validation_batches(c, streams["valid"], haystacks["valid"], tokenizer)
     rng = np.random.default_rng(c["seed"])
     optimizer = optim.AdamW(lr_schedule({**c, "steps": c["iters"]}), betas=c["betas"],
-                            weight_decay=c["weight_decay"])
+                            weight_decay=c["weight_decay"], bias_correction=True)
     step = 0
     if c["resume"]:
         checkpoint = checkpoints(out)[-1]
         model.load_weights(str(checkpoint / ADAPTER_WEIGHTS), strict=False)
-        optimizer.state = tree_unflatten(list(mx.load(str(checkpoint / "optimizer.safetensors")).items()))
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        step, rng.bit_generator.state = state["step"], state["data_rng"]
+        step = read_checkpoint(checkpoint, optimizer, rng)
     optimizer.init(model.trainable_parameters())
     mx.eval(model.parameters(), optimizer.state)
     out.mkdir(parents=True, exist_ok=True)
@@ -355,18 +352,9 @@ def train_step(run: Run, batch) -> tuple:
 
 
 def save_checkpoint(run: Run, step: int) -> Path:
-    """ADAPTERS/step-NNNNNNNN/: the adapters, the optimizer state and trainer_state.json, written to a hidden folder
-    renamed into place; older checkpoints are pruned."""
-    out = Path(run.config["adapter_path"])
-    path = out / f"step-{step:08d}"
-    with atomic_folder(path) as tmp:
-        write_adapters(tmp, run)
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(run.optimizer.state)))
-        state = {"step": step, "data_rng": run.rng.bit_generator.state, "config": run.config}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
-    for old in checkpoints(out)[: -run.config["keep_checkpoints"]]:
-        shutil.rmtree(old)
-    return path
+    """ADAPTERS/step-NNNNNNNN/: the adapters and the trainer's state (mlx_titans.train's checkpoint layout)."""
+    return write_checkpoint(Path(run.config["adapter_path"]), step, lambda folder: write_adapters(folder, run),
+                            run.optimizer, run.rng, run.config)
 
 
 def write_adapters(folder: Path, run: Run) -> None:

@@ -263,9 +263,7 @@ def setup(c: dict) -> Run:
     if c["resume"]:
         checkpoint = Path(c["resume"])
         model.load_weights(str(checkpoint / "model.safetensors"))
-        optimizer.state = tree_unflatten(list(mx.load(str(checkpoint / "optimizer.safetensors")).items()))
-        trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
-        step, rng.bit_generator.state = trainer_state["step"], trainer_state["data_rng"]
+        step = read_checkpoint(checkpoint, optimizer, rng)
     optimizer.init(model.trainable_parameters())
     mx.eval(model.parameters(), optimizer.state)
     Path(c["out"]).mkdir(parents=True, exist_ok=True)
@@ -321,19 +319,34 @@ def ranks_in_sync(model, group) -> bool:
     return mx.array_equal(mx.distributed.all_max(flat, group=group), mx.distributed.all_min(flat, group=group)).item()
 
 
-def save_checkpoint(run: Run, step: int) -> Path:
-    """out/step-NNNNNNNN/: the model folder (config.json, model.safetensors, tokenizer.json) plus the optimizer
-    state and trainer_state.json, written to a hidden folder renamed into place; older checkpoints are pruned."""
-    out = Path(run.config["out"])
-    path = out / f"step-{step:08d}"
+def write_checkpoint(folder: Path, step: int, write_weights, optimizer, rng, config: dict) -> Path:
+    """folder/step-NNNNNNNN/: what write_weights(path) writes, the optimizer state and trainer_state.json (the step,
+    the data order's RNG state, the config), written to a hidden folder renamed into place; checkpoints beyond
+    config["keep_checkpoints"] are pruned. mlx_titans.train and mlx_titans.adapt write theirs with it."""
+    path = folder / f"step-{step:08d}"
     with atomic_folder(path) as tmp:
-        save_model(tmp, run.model, run.tokenizer_file)
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(run.optimizer.state)))
-        trainer_state = {"step": step, "data_rng": run.rng.bit_generator.state, "config": run.config}
+        write_weights(tmp)
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        trainer_state = {"step": step, "data_rng": rng.bit_generator.state, "config": config}
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
-    for old in checkpoints(out)[: -run.config["keep_checkpoints"]]:
+    for old in checkpoints(folder)[: -config["keep_checkpoints"]]:
         shutil.rmtree(old)
     return path
+
+
+def read_checkpoint(checkpoint: Path, optimizer, rng) -> int:
+    """The optimizer state and the data order's RNG state back from a checkpoint; returns its step."""
+    optimizer.state = tree_unflatten(list(mx.load(str(checkpoint / "optimizer.safetensors")).items()))
+    trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
+    rng.bit_generator.state = trainer_state["data_rng"]
+    return trainer_state["step"]
+
+
+def save_checkpoint(run: Run, step: int) -> Path:
+    """out/step-NNNNNNNN/: the model folder (config.json, model.safetensors, tokenizer.json) and the trainer's state."""
+    return write_checkpoint(Path(run.config["out"]), step, lambda folder: save_model(folder, run.model,
+                                                                                    run.tokenizer_file),
+                            run.optimizer, run.rng, run.config)
 
 
 def step_loop(start: int, steps: int, one_step, evaluate, save, every: tuple, tokens_per_step: int, state,
