@@ -39,8 +39,13 @@ def measure(model, length: int, checkpoint: bool, repeats: int) -> dict:
     for _ in range(repeats):
         mx.eval(step())
     seconds = (time.perf_counter() - tic) / repeats
-    return {"length": length, "checkpoint": checkpoint, "peak_memory_gb": mx.get_peak_memory() / 1e9,
-            "seconds_per_step": seconds, "tokens_per_s": length / seconds}
+    return {
+        "length": length,
+        "checkpoint": checkpoint,
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        "seconds_per_step": seconds,
+        "tokens_per_s": length / seconds,
+    }
 
 
 def plot(rows, window: int, path: Path):
@@ -50,7 +55,10 @@ def plot(rows, window: int, path: Path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    for checkpoint, label in ((True, "segment by segment (adapt's default)"), (False, "one graph (--no-grad-checkpoint)")):
+    for checkpoint, label in (
+        (True, "segment by segment (adapt's default)"),
+        (False, "one graph (--no-grad-checkpoint)"),
+    ):
         mine = [r for r in rows if r["checkpoint"] == checkpoint]
         ax.plot([r["length"] / window for r in mine], [r["peak_memory_gb"] for r in mine], "o-", label=label)
     ax.set(xscale="log", xlabel="sample length / window", ylabel="peak memory (GB)", title="one adapter training step")
@@ -71,12 +79,22 @@ def run(args) -> None:
         for checkpoint in (True, False):
             row = measure(model, multiple * window, checkpoint, args.repeats)
             rows.append(row)
-            print(f"{multiple:>3} x window = {row['length']} tokens, checkpoint {checkpoint}: peak "
-                  f"{row['peak_memory_gb']:.3f} GB, {row['seconds_per_step']:.2f} s/step", flush=True)
+            print(
+                f"{multiple:>3} x window = {row['length']} tokens, checkpoint {checkpoint}: peak "
+                f"{row['peak_memory_gb']:.3f} GB, {row['seconds_per_step']:.2f} s/step",
+                flush=True,
+            )
     out = Path(args.out)
-    write_json_atomic(out, {"command": shlex.join(["python", "-m", "benchmarks.adapt_memory", *sys.argv[1:]]),
-                            "machine": device_name(), "model": str(args.model), "titans": model.titans.to_section(),
-                            "rows": rows})
+    write_json_atomic(
+        out,
+        {
+            "command": shlex.join(["python", "-m", "benchmarks.adapt_memory", *sys.argv[1:]]),
+            "machine": device_name(),
+            "model": str(args.model),
+            "titans": model.titans.to_section(),
+            "rows": rows,
+        },
+    )
     plot(rows, window, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

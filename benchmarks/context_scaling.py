@@ -43,8 +43,11 @@ def run_piece(model, cache, prompt, generation_tokens: int, prefill_step_size: i
     """Prefill `prompt` into the cache, then decode greedily: (prefill seconds, decode tok/s), mlx-lm's way
     (the prefill time runs to the first generated token)."""
     tic = time.perf_counter()
-    for n, _ in enumerate(generate_step(prompt, model, prompt_cache=cache, max_tokens=generation_tokens,
-                                        prefill_step_size=prefill_step_size)):
+    for n, _ in enumerate(
+        generate_step(
+            prompt, model, prompt_cache=cache, max_tokens=generation_tokens, prefill_step_size=prefill_step_size
+        )
+    ):
         if n == 0:
             prefill_s, tic = time.perf_counter() - tic, time.perf_counter()
     return prefill_s, n / (time.perf_counter() - tic) if n else float("nan")
@@ -72,14 +75,22 @@ def measure(model, method, contexts, vocab, args, report, time_budget=float("inf
             if time.perf_counter() - started + predicted > time_budget:
                 return f"stopped before {context}: about {predicted:.0f} s more would pass --time-budget"
         try:
-            piece_s, decode_tps = run_piece(model, cache, random_tokens(new, vocab), args.generation_tokens,
-                                            args.prefill_step_size)
+            piece_s, decode_tps = run_piece(
+                model, cache, random_tokens(new, vocab), args.generation_tokens, args.prefill_step_size
+            )
         except RuntimeError as e:  # out of memory
             return f"failed at {context}: {str(e).strip().splitlines()[0]}"
         prefilled, prefill_total, last_rate = prefilled + new, prefill_total + piece_s, decode_tps
         rates.append(new / piece_s)
-        report({"method": method, "context": context, "prefill_tps": prefilled / prefill_total,
-                "decode_tps": decode_tps, "peak_gb": mx.get_peak_memory() / 1e9})
+        report(
+            {
+                "method": method,
+                "context": context,
+                "prefill_tps": prefilled / prefill_total,
+                "decode_tps": decode_tps,
+                "peak_gb": mx.get_peak_memory() / 1e9,
+            }
+        )
     return None
 
 
@@ -88,8 +99,9 @@ def burn_in(model, method, vocab, args):
     process decoded up to 15% slower than the rest, whichever method came first."""
     end = time.perf_counter() + args.burn_in
     while time.perf_counter() < end:
-        run_piece(model, make_cache(model, method, args.max_kv_size), random_tokens(2048, vocab), 64,
-                  args.prefill_step_size)
+        run_piece(
+            model, make_cache(model, method, args.max_kv_size), random_tokens(2048, vocab), 64, args.prefill_step_size
+        )
 
 
 def analytic(config, titans, rows, methods, contexts, args) -> dict:
@@ -101,19 +113,26 @@ def analytic(config, titans, rows, methods, contexts, args) -> dict:
             decode = cost_model.decode_bytes(config, method, context, titans, args.max_kv_size, bits, args.q_group_size)
             prefill = cost_model.prefill_flops(config, method, context, titans, args.max_kv_size)
             cost[method, context] = {
-                "method": method, "context": context, "decode_bytes": decode, "prefill_flops": prefill,
+                "method": method,
+                "context": context,
+                "decode_bytes": decode,
+                "prefill_flops": prefill,
                 "m3_max_decode_tps": cost_model.M3_MAX["bandwidth_gb_s"] * 1e9 / decode,
                 "m3_max_prefill_tps": cost_model.M3_MAX["tflop_s"] * 1e12 / prefill,
                 "weights_gb": cost_model.weight_bytes(config, method, titans, bits, args.q_group_size) / 1e9,
                 "kv_gb": cost_model.kv_bytes_per_token(config)
-                * cost_model.attended(method, context, titans, args.max_kv_size) / 1e9,
+                * cost_model.attended(method, context, titans, args.max_kv_size)
+                / 1e9,
             }
     check = {}
     if len({(r["method"], r["context"]) for r in rows}) > 2:
-        for kind, work, unit, scale in (("decode", "decode_bytes", "gb_s", 1e9),
-                                        ("prefill", "prefill_flops", "tflop_s", 1e12)):
-            fit = cost_model.fit_time_per_token([cost[r["method"], r["context"]][work] for r in rows],
-                                                [1 / r[f"{kind}_tps"] for r in rows])
+        for kind, work, unit, scale in (
+            ("decode", "decode_bytes", "gb_s", 1e9),
+            ("prefill", "prefill_flops", "tflop_s", 1e12),
+        ):
+            fit = cost_model.fit_time_per_token(
+                [cost[r["method"], r["context"]][work] for r in rows], [1 / r[f"{kind}_tps"] for r in rows]
+            )
             for r, tps in zip(rows, fit.pop("predicted_tps")):
                 r[f"model_{kind}_tps"] = tps
             fit[f"rate_{unit}"] = fit.pop("rate") / scale
@@ -130,17 +149,24 @@ def plot(result: dict, path: Path):
     rows, cost = result["rows"], result["analytic"]["cost"]
     colors = {"titans": "tab:red", "full": "tab:blue", "rotating": "tab:green"}
     labels = {"titans": "TitansQwen", "full": "mlx-lm full KV", "rotating": f"mlx-lm rotating {result['max_kv_size']}"}
-    panels = [("prefill_tps", "m3_max_prefill_tps", "prefill tok/s"), ("decode_tps", "m3_max_decode_tps", "decode tok/s"),
-              ("peak_gb", None, "peak memory (GB)")]
+    panels = [
+        ("prefill_tps", "m3_max_prefill_tps", "prefill tok/s"),
+        ("decode_tps", "m3_max_decode_tps", "decode tok/s"),
+        ("peak_gb", None, "peak memory (GB)"),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, (key, projected, title) in zip(axes, panels):
         for method in colors:
             pts = sorted((r["context"], r[key]) for r in rows if r["method"] == method)
             if pts:
-                ax.plot(*zip(*pts), marker="o", color=colors[method], label=f"{labels[method]} ({result['device_short']})")
+                ax.plot(
+                    *zip(*pts), marker="o", color=colors[method], label=f"{labels[method]} ({result['device_short']})"
+                )
             proj = sorted((c["context"], c[projected]) for c in cost if c["method"] == method) if projected else []
             if proj:
-                ax.plot(*zip(*proj), ls="--", color=colors[method], alpha=0.6, label=f"{labels[method]} (M3 Max roofline)")
+                ax.plot(
+                    *zip(*proj), ls="--", color=colors[method], alpha=0.6, label=f"{labels[method]} (M3 Max roofline)"
+                )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
         ax.set_title(title)
@@ -163,8 +189,13 @@ def add_model_args(p):
     p.add_argument("--burn-in", type=float, default=30.0, help="seconds of load before the first measurement")
     p.add_argument("--max-kv-size", type=int, default=4096, help="the rotating cache's size (mlx-lm --max-kv-size)")
     p.add_argument("--window", type=int, help="TitansQwen attention window (default: the titans section's)")
-    p.add_argument("--quantize", "-q", action=argparse.BooleanOptionalAction, default=True,
-                   help="presets: quantize the random weights (default) or keep --dtype")
+    p.add_argument(
+        "--quantize",
+        "-q",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="presets: quantize the random weights (default) or keep --dtype",
+    )
     p.add_argument("--q-bits", type=int, default=4)
     p.add_argument("--q-group-size", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -196,12 +227,20 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", choices=cost_model.METHODS, default=list(cost_model.METHODS))
     p.add_argument("--contexts", nargs="+", type=int, default=DEFAULT_CONTEXTS)
     p.add_argument("--generation-tokens", "-g", type=int, default=128)
-    p.add_argument("--warmup-context", type=int, default=16384,
-                   help="first run the stream through the contexts up to this, unmeasured, to compile the kernels")
+    p.add_argument(
+        "--warmup-context",
+        type=int,
+        default=16384,
+        help="first run the stream through the contexts up to this, unmeasured, to compile the kernels",
+    )
     p.add_argument("--time-budget", type=float, default=float("inf"), help="seconds per method")
     p.add_argument("--out", default="context_scaling.json", help="JSON file; the PNG goes beside it")
-    p.add_argument("--rows-from", nargs="+", help="measure nothing: analyse and plot the rows of these JSON files "
-                   "(from runs with the same model settings, e.g. one method per command)")
+    p.add_argument(
+        "--rows-from",
+        nargs="+",
+        help="measure nothing: analyse and plot the rows of these JSON files "
+        "(from runs with the same model settings, e.g. one method per command)",
+    )
     args = p.parse_args(argv)
     if sorted(args.contexts) != args.contexts or args.contexts[0] < 1:
         p.error("--contexts must be positive and increasing")
@@ -212,8 +251,7 @@ def load_model_for(method, args, config, titans, path):
     """The method's model: random weights of the preset's shapes, or the converted directory's."""
     if path is None:
         bits = args.q_bits if args.quantize else None
-        return random_model(config, titans if method == "titans" else None, bits, args.q_group_size,
-                            args.dtype)
+        return random_model(config, titans if method == "titans" else None, bits, args.q_group_size, args.dtype)
     return build_model(path, titans)[0] if method == "titans" else load_model(path)[0]
 
 
@@ -221,11 +259,19 @@ def main(argv=None):
     args = parse_args(argv)
     path, config, titans, name = model_source(args)
     device = device_name()
-    result = {"device": device, "device_short": device.split(",")[0], "command": "python -m benchmarks.context_scaling "
-              + " ".join(argv if argv is not None else sys.argv[1:]), "model": name,
-              "bits_label": f"{args.q_bits}-bit" if args.quantize else args.dtype, "titans": titans,
-              "max_kv_size": args.max_kv_size, "generation_tokens": args.generation_tokens,
-              "prefill_step_size": args.prefill_step_size, "rows": [], "stopped": {}}
+    result = {
+        "device": device,
+        "device_short": device.split(",")[0],
+        "command": "python -m benchmarks.context_scaling " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": name,
+        "bits_label": f"{args.q_bits}-bit" if args.quantize else args.dtype,
+        "titans": titans,
+        "max_kv_size": args.max_kv_size,
+        "generation_tokens": args.generation_tokens,
+        "prefill_step_size": args.prefill_step_size,
+        "rows": [],
+        "stopped": {},
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for earlier in args.rows_from or []:  # measured before (other commands, other methods): analyse them together
@@ -241,8 +287,11 @@ def main(argv=None):
         row["device"] = device
         result["rows"].append(row)
         write_json_atomic(out, result)  # after every row: a run cut short keeps what it measured
-        print(f"method={row['method']} context={row['context']} prompt_tps={row['prefill_tps']:.3f}, "
-              f"generation_tps={row['decode_tps']:.3f}, peak_memory={row['peak_gb']:.3f}", flush=True)
+        print(
+            f"method={row['method']} context={row['context']} prompt_tps={row['prefill_tps']:.3f}, "
+            f"generation_tps={row['decode_tps']:.3f}, peak_memory={row['peak_gb']:.3f}",
+            flush=True,
+        )
 
     for method in [] if args.rows_from else args.methods:
         print(f"== {method}: building the model", flush=True)

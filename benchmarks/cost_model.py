@@ -39,10 +39,18 @@ class Shapes:
 
     @classmethod
     def from_config(cls, c: dict) -> "Shapes":
-        return cls(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["num_key_value_heads"],
-                   c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"], c["intermediate_size"],
-                   c["vocab_size"], c.get("tie_word_embeddings", False), c["model_type"] == "qwen3",
-                   c["model_type"] == "qwen2")
+        return cls(
+            c["hidden_size"],
+            c["num_hidden_layers"],
+            c["num_attention_heads"],
+            c["num_key_value_heads"],
+            c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+            c["intermediate_size"],
+            c["vocab_size"],
+            c.get("tie_word_embeddings", False),
+            c["model_type"] == "qwen3",
+            c["model_type"] == "qwen2",
+        )
 
 
 def layer_matrix_params(s: Shapes) -> int:
@@ -217,11 +225,16 @@ def adapt_peak_bytes(config, titans, sample_length: int, batch=1, bits=4, group_
     (one segment's: see segment_activation_bytes), and their 'total'."""
     trainable = len(titans["memory_layers"]) * sum(memory_sizes(titans, config["hidden_size"]).values()) * FLOAT32
     size = titans["segment_size"]
-    parts = {"weights": weight_bytes(config, "titans", titans, bits, group_size, dtype_bytes),
-             "gradients": 2 * trainable, "optimizer": 2 * trainable,
-             "caches": sum(cache_bytes(config, titans, min(start, sample_length), batch, dtype_bytes)
-                           for start in range(size, sample_length + size, size)),
-             "activations": segment_activation_bytes(config, titans, batch, dtype_bytes)}
+    parts = {
+        "weights": weight_bytes(config, "titans", titans, bits, group_size, dtype_bytes),
+        "gradients": 2 * trainable,
+        "optimizer": 2 * trainable,
+        "caches": sum(
+            cache_bytes(config, titans, min(start, sample_length), batch, dtype_bytes)
+            for start in range(size, sample_length + size, size)
+        ),
+        "activations": segment_activation_bytes(config, titans, batch, dtype_bytes),
+    }
     return {**parts, "total": sum(parts.values())}
 
 
@@ -230,5 +243,9 @@ def fit_time_per_token(work, seconds_per_token) -> dict:
     work, t = np.asarray(work, float), np.asarray(seconds_per_token, float)
     slope, overhead = np.polyfit(work, t, 1)
     predicted = overhead + slope * work
-    return {"overhead_ms": 1e3 * float(overhead), "rate": float(1 / slope) if slope > 0 else float("inf"),
-            "max_rel_error": float(np.max(np.abs(predicted - t) / t)), "predicted_tps": (1 / predicted).tolist()}
+    return {
+        "overhead_ms": 1e3 * float(overhead),
+        "rate": float(1 / slope) if slope > 0 else float("inf"),
+        "max_rel_error": float(np.max(np.abs(predicted - t) / t)),
+        "predicted_tps": (1 / predicted).tolist(),
+    }

@@ -30,8 +30,14 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from benchmarks.context_scaling import (add_model_args, load_model_for, make_cache, model_source, random_tokens,
-                                        run_piece)
+from benchmarks.context_scaling import (
+    add_model_args,
+    load_model_for,
+    make_cache,
+    model_source,
+    random_tokens,
+    run_piece,
+)
 from benchmarks.machine import device_name
 from mlx_titans.files import write_json_atomic
 
@@ -39,11 +45,19 @@ METHODS = ("titans", "window", "full", "rotating")  # window: TitansQwen without
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.decode_speed", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.decode_speed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_model_args(p)
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=["titans", "full"],
-                   help="`full` is the reference of the ratios and is always run")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=["titans", "full"],
+        help="`full` is the reference of the ratios and is always run",
+    )
     p.add_argument("--context", type=int, default=4096, help="prompt tokens before decoding")
     p.add_argument("--generation-tokens", "-g", type=int, default=64, help="tokens per burst")
     p.add_argument("--rounds", type=int, default=24)
@@ -66,9 +80,15 @@ def summary(rounds: list, methods: list, tokens: int) -> dict:
         tps = [r[method] for r in rounds]
         ratios = [r[method] / r["full"] for r in rounds]
         overall = len(rounds) * tokens / sum(tokens / t for t in tps)
-        out[method] = {"decode_tps": tps, "median_tps": statistics.median(tps), "overall_tps": overall,
-                       "ratio_to_full": ratios, "median_ratio": statistics.median(ratios),
-                       "min_ratio": min(ratios), "max_ratio": max(ratios)}
+        out[method] = {
+            "decode_tps": tps,
+            "median_tps": statistics.median(tps),
+            "overall_tps": overall,
+            "ratio_to_full": ratios,
+            "median_ratio": statistics.median(ratios),
+            "min_ratio": min(ratios),
+            "max_ratio": max(ratios),
+        }
     for method in methods:
         out[method]["overall_ratio"] = out[method]["overall_tps"] / out["full"]["overall_tps"]
     return out
@@ -92,8 +112,10 @@ def sync_latencies(model, cache, vocab: int, tokens: int) -> list:
 
 def sync_summary(rows: list) -> dict:
     reads = [ms for ms, completes in rows if not completes]
-    return {"median_ms": statistics.median(reads) if reads else None,
-            "chunk_ms": [ms for ms, completes in rows if completes]}
+    return {
+        "median_ms": statistics.median(reads) if reads else None,
+        "chunk_ms": [ms for ms, completes in rows if completes],
+    }
 
 
 def main(argv=None):
@@ -118,8 +140,9 @@ def main(argv=None):
         return cache
 
     def burst(method, cache):
-        return run_piece(models[method], cache, random_tokens(1, vocab), args.generation_tokens + 1,
-                         args.prefill_step_size)[1]
+        return run_piece(
+            models[method], cache, random_tokens(1, vocab), args.generation_tokens + 1, args.prefill_step_size
+        )[1]
 
     end = time.perf_counter() + args.burn_in
     while time.perf_counter() < end:
@@ -127,21 +150,29 @@ def main(argv=None):
             burst(method, fresh(method, 2048))
     caches = {method: fresh(method, args.context) for method in args.methods}
     device = device_name()
-    result = {"device": device, "command": "python -m benchmarks.decode_speed "
-              + " ".join(argv if argv is not None else sys.argv[1:]), "model": name,
-              "bits_label": f"{args.q_bits}-bit" if args.quantize else args.dtype, "titans": titans,
-              "context": args.context, "generation_tokens": args.generation_tokens, "rounds": []}
+    result = {
+        "device": device,
+        "command": "python -m benchmarks.decode_speed " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": name,
+        "bits_label": f"{args.q_bits}-bit" if args.quantize else args.dtype,
+        "titans": titans,
+        "context": args.context,
+        "generation_tokens": args.generation_tokens,
+        "rounds": [],
+    }
     for k in range(args.rounds):
-        order = args.methods[k % len(args.methods):] + args.methods[: k % len(args.methods)]
+        order = args.methods[k % len(args.methods) :] + args.methods[: k % len(args.methods)]
         result["rounds"].append({method: burst(method, caches[method]) for method in order})
         result["summary"] = summary(result["rounds"], args.methods, args.generation_tokens)
         result["final_context"] = caches["full"][0].offset
         write_json_atomic(Path(args.out), result)  # after every round: a run cut short keeps what it measured
-        print(f"round {k + 1}: " + ", ".join(f"{m} {result['rounds'][-1][m]:.1f} tok/s" for m in args.methods),
-              flush=True)
+        print(
+            f"round {k + 1}: " + ", ".join(f"{m} {result['rounds'][-1][m]:.1f} tok/s" for m in args.methods), flush=True
+        )
     if args.sync_tokens:
-        result["sync"] = {m: sync_summary(sync_latencies(models[m], caches[m], vocab, args.sync_tokens))
-                          for m in args.methods}
+        result["sync"] = {
+            m: sync_summary(sync_latencies(models[m], caches[m], vocab, args.sync_tokens)) for m in args.methods
+        }
         write_json_atomic(Path(args.out), result)
         for m, s in result["sync"].items():
             reads = "" if s["median_ms"] is None else f" median {s['median_ms']:.2f} ms"
@@ -149,8 +180,10 @@ def main(argv=None):
             chunks = f", chunk-completing steps {chunk_ms} ms" if chunk_ms else ""
             print(f"{m}: one step at a time,{reads}{chunks}")
     for method, s in result["summary"].items():
-        print(f"{method}: median {s['median_tps']:.1f} tok/s, {s['median_ratio']:.3f}x full "
-              f"(rounds {s['min_ratio']:.3f}-{s['max_ratio']:.3f}; over all rounds {s['overall_ratio']:.3f}x)")
+        print(
+            f"{method}: median {s['median_tps']:.1f} tok/s, {s['median_ratio']:.3f}x full "
+            f"(rounds {s['min_ratio']:.3f}-{s['max_ratio']:.3f}; over all rounds {s['overall_ratio']:.3f}x)"
+        )
     return result
 
 

@@ -37,8 +37,11 @@ from mlx_titans.train import find_checkpoint
 def keep_rates(model, inputs) -> dict:
     """{layer: keep rates (batch, heads, chunks)} of every memory layer with a forget gate over `inputs` (batch, n),
     read as reproduce reads a needle sample, from the memories' gate logs."""
-    memories = {i: layer.memory for i, layer in enumerate(model.layers)
-                if "memory" in layer and layer.memory.config.weight_decay}
+    memories = {
+        i: layer.memory
+        for i, layer in enumerate(model.layers)
+        if "memory" in layer and layer.memory.config.weight_decay
+    }
     for mem in memories.values():
         mem.gate_log = []
     try:
@@ -61,8 +64,9 @@ def gate_summary(model, length, samples, batch, seed, haystack) -> list:
     rng = np.random.default_rng(seed)
     keeps, left, at_needle = {}, {}, {}
     for start in range(0, samples, batch):
-        inputs, _, _ = make_batch("passkey", min(batch, samples - start), length, rng, model.config.vocab_size,
-                                  haystack)
+        inputs, _, _ = make_batch(
+            "passkey", min(batch, samples - start), length, rng, model.config.vocab_size, haystack
+        )
         for layer, rate in keep_rates(model, mx.array(inputs)).items():
             chunk = model.layers[layer].memory.config.chunk_size
             needle_chunk = (inputs == NEEDLE).argmax(1) // chunk
@@ -72,11 +76,17 @@ def gate_summary(model, length, samples, batch, seed, haystack) -> list:
             keeps.setdefault(layer, []).append(rate.mean(-1))
             left.setdefault(layer, []).append(np.exp((np.log(rate) * between[:, None]).sum(-1)))
             at_needle.setdefault(layer, []).append(np.take_along_axis(rate, needle_chunk[:, None, None], -1)[..., 0])
-    return [{"layer": layer, "head": head,
-             "mean_keep": float(np.concatenate(keeps[layer])[:, head].mean()),
-             "keep_at_needle": float(np.concatenate(at_needle[layer])[:, head].mean()),
-             "needle_left_median": float(np.median(np.concatenate(left[layer])[:, head]))}
-            for layer in keeps for head in range(keeps[layer][0].shape[1])]
+    return [
+        {
+            "layer": layer,
+            "head": head,
+            "mean_keep": float(np.concatenate(keeps[layer])[:, head].mean()),
+            "keep_at_needle": float(np.concatenate(at_needle[layer])[:, head].mean()),
+            "needle_left_median": float(np.median(np.concatenate(left[layer])[:, head])),
+        }
+        for layer in keeps
+        for head in range(keeps[layer][0].shape[1])
+    ]
 
 
 def plot(rows, path):
@@ -89,14 +99,18 @@ def plot(rows, path):
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     scales = sorted({r["max_decay"] for r in rows}, reverse=True)
     colours = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(scales)))
-    fig, axes = plt.subplots(len(runs), len(tasks), figsize=(4 * len(tasks) + 1.8, 3 * len(runs)), squeeze=False,
-                             sharex=True, sharey=True)
+    fig, axes = plt.subplots(
+        len(runs), len(tasks), figsize=(4 * len(tasks) + 1.8, 3 * len(runs)), squeeze=False, sharex=True, sharey=True
+    )
     for r, run in enumerate(runs):
         for t, task in enumerate(tasks):
             ax = axes[r][t]
             for scale, colour in zip(scales, colours):
-                pts = sorted((x["length"], 100 * x["accuracy"]) for x in rows
-                             if x["run"] == run and x["task"] == task and x["max_decay"] == scale)
+                pts = sorted(
+                    (x["length"], 100 * x["accuracy"])
+                    for x in rows
+                    if x["run"] == run and x["task"] == task and x["max_decay"] == scale
+                )
                 ax.plot(*zip(*pts), marker="o", color=colour, label=f"max_decay {scale:g}")
             ax.set_xscale("log", base=2)
             ax.set_title(f"{run}: {task}")
@@ -111,14 +125,25 @@ def plot(rows, path):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="python -m benchmarks.forget_gate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.forget_gate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--work", default="runs/reproduce", help="benchmarks.reproduce's --work folder (default: its own)")
     p.add_argument("--runs", nargs="+", required=True, help="runs in WORK with a forget gate, trained and evaluated")
-    p.add_argument("--scales", nargs="+", type=float, default=[1, 0.3, 0.1, 0.03, 0],
-                   help="max_decay values to run the trained weights with (1: as trained)")
-    p.add_argument("--out", default="benchmarks/results/niah_forget_gate.json",
-                   help="JSON results; the plot goes beside it as .png")
+    p.add_argument(
+        "--scales",
+        nargs="+",
+        type=float,
+        default=[1, 0.3, 0.1, 0.03, 0],
+        help="max_decay values to run the trained weights with (1: as trained)",
+    )
+    p.add_argument(
+        "--out",
+        default="benchmarks/results/niah_forget_gate.json",
+        help="JSON results; the plot goes beside it as .png",
+    )
     args = p.parse_args(argv)
     work = Path(args.work)
     results = {}
@@ -143,30 +168,52 @@ def main(argv=None):
         model = load_model(checkpoint)
         for g in gate_summary(model, max(s["lengths"]), s["samples"], s["batch_size"], s["seed"], valid):
             gates.append({"run": name, **g})
-            print(f"{name} layer {g['layer']} head {g['head']}: mean keep {g['mean_keep']:.4f}, at the needle "
-                  f"{g['keep_at_needle']:.4f}, needle left at the question (median) {g['needle_left_median']:.3g}",
-                  flush=True)
+            print(
+                f"{name} layer {g['layer']} head {g['head']}: mean keep {g['mean_keep']:.4f}, at the needle "
+                f"{g['keep_at_needle']:.4f}, needle left at the question (median) {g['needle_left_median']:.3g}",
+                flush=True,
+            )
         work_items = [(scale, task, length) for scale in args.scales for task in s["tasks"] for length in s["lengths"]]
         models = {}
         for scale, task, length in tqdm(work_items, desc=name):
             if scale not in models:
                 models[scale] = load_model(checkpoint, memory={"max_decay": scale})
             acc = accuracy(models[scale], task, length, s["samples"], s["batch_size"], s["seed"], NIAH_BLOCK, valid)
-            rows.append({"run": name, "max_decay": scale, "task": task, "length": length, "accuracy": acc,
-                         "samples": s["samples"]})
+            rows.append(
+                {
+                    "run": name,
+                    "max_decay": scale,
+                    "task": task,
+                    "length": length,
+                    "accuracy": acc,
+                    "samples": s["samples"],
+                }
+            )
             tqdm.write(f"{name} max_decay {scale:g}: {task} at {length}: {100 * acc:.0f}%")
         reproduced = {(r["task"], r["length"]): r["accuracy"] for r in result["rows"]}
         same = [r for r in rows if r["run"] == name and r["max_decay"] == 1]
         if same:
-            print(f"{name}: at max_decay 1 reproduce measured " + ", ".join(
-                f"{r['task']} {r['length']} {100 * reproduced[r['task'], r['length']]:.0f}% (here "
-                f"{100 * r['accuracy']:.0f}%)" for r in same), flush=True)
+            print(
+                f"{name}: at max_decay 1 reproduce measured "
+                + ", ".join(
+                    f"{r['task']} {r['length']} {100 * reproduced[r['task'], r['length']]:.0f}% (here "
+                    f"{100 * r['accuracy']:.0f}%)"
+                    for r in same
+                ),
+                flush=True,
+            )
     out = Path(args.out)
-    write_json_atomic(out, {"device": device_name(),
-                            "command": shlex.join(["python", "-m", "benchmarks.forget_gate", *argv]),
-                            "settings": {name: r["settings"] for name, r in results.items()},
-                            "checkpoints": {name: path.name for name, path in checkpoints.items()},
-                            "gates": gates, "rows": rows})
+    write_json_atomic(
+        out,
+        {
+            "device": device_name(),
+            "command": shlex.join(["python", "-m", "benchmarks.forget_gate", *argv]),
+            "settings": {name: r["settings"] for name, r in results.items()},
+            "checkpoints": {name: path.name for name, path in checkpoints.items()},
+            "gates": gates,
+            "rows": rows,
+        },
+    )
     plot(rows, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

@@ -61,13 +61,15 @@ def measure(step, sync, reset_peak, warmup, repeats):
 
 def bench_mlx(semantics, dim, heads, chunk, batch, tokens, dtype, mode, warmup, repeats):
     """(seconds, peak GB) for our memory."""
-    cfg = MemoryConfig(dim=dim, heads=heads, chunk_size=chunk, batch_size=SEMANTICS[semantics],
-                       depth=DEPTH, expansion=EXPANSION)
+    cfg = MemoryConfig(
+        dim=dim, heads=heads, chunk_size=chunk, batch_size=SEMANTICS[semantics], depth=DEPTH, expansion=EXPANSION
+    )
     model = NeuralMemory(cfg)
     model.set_dtype(getattr(mx, dtype))
     x = mx.random.normal((batch, tokens, dim)).astype(getattr(mx, dtype))
     mx.eval(x, model.parameters())
     if mode == "fwd":
+
         def step():
             return model(x)[0]
     else:
@@ -129,17 +131,31 @@ def ratios_table(rows):
     lines = []
     for r in rows:
         if r["impl"] == "mlx" and r["tokens_per_s"] and key(r) in ref:
-            lines.append(f"chunk={r['chunk']:<4} batch={r['batch']:<3} mode={r['mode']:<7} "
-                         f"semantics={r['semantics']:<7} mlx/titans-pytorch={r['tokens_per_s'] / ref[key(r)]:.2f}x")
+            lines.append(
+                f"chunk={r['chunk']:<4} batch={r['batch']:<3} mode={r['mode']:<7} "
+                f"semantics={r['semantics']:<7} mlx/titans-pytorch={r['tokens_per_s'] / ref[key(r)]:.2f}x"
+            )
     return lines
 
 
 def run_one(args, impl, semantics, device, chunk, batch, mode):
     """One result row; an out-of-memory failure is recorded in it rather than raised."""
-    row = {"impl": impl, "semantics": semantics, "dim": args.dim, "heads": args.heads, "chunk": chunk,
-           "batch": batch, "tokens": args.tokens, "dtype": args.dtype, "mode": mode, "tokens_per_s": None,
-           "peak_gb": None, "flops_per_token": flops_per_token(args.dim, args.heads, args.dim // args.heads, mode),
-           "roofline_ratio": None, "error": None}
+    row = {
+        "impl": impl,
+        "semantics": semantics,
+        "dim": args.dim,
+        "heads": args.heads,
+        "chunk": chunk,
+        "batch": batch,
+        "tokens": args.tokens,
+        "dtype": args.dtype,
+        "mode": mode,
+        "tokens_per_s": None,
+        "peak_gb": None,
+        "flops_per_token": flops_per_token(args.dim, args.heads, args.dim // args.heads, mode),
+        "roofline_ratio": None,
+        "error": None,
+    }
     setting = (args.dim, args.heads, chunk, batch, args.tokens, args.dtype, mode, args.warmup, args.repeats)
     try:
         if impl == "mlx":
@@ -179,8 +195,12 @@ def main(argv=None):
     p.add_argument("--batch-size-semantics", nargs="+", choices=list(SEMANTICS), default=list(SEMANTICS))
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="the device's peak TFLOP/s for --dtype; gives roofline_ratio (default: not computed)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak TFLOP/s for --dtype; gives roofline_ratio (default: not computed)",
+    )
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
     if args.dim % args.heads:
@@ -190,8 +210,11 @@ def main(argv=None):
     notes = [note] if note else []
     if note and device is None:
         print(note, file=sys.stderr)
-    desc = f"mlx {mx.__version__} on {mx.default_device()}; " + (f"{torch_desc}; " if torch_desc else "") \
+    desc = (
+        f"mlx {mx.__version__} on {mx.default_device()}; "
+        + (f"{torch_desc}; " if torch_desc else "")
         + platform.platform()
+    )
 
     runs = [("mlx", s) for s in args.batch_size_semantics] if "mlx" in args.impl else []
     if device is not None:

@@ -79,8 +79,17 @@ def titans_lm(args):
             except (ValueError, TypeError, FileNotFoundError) as e:
                 sys.exit(f"error: {e}")
         acc = accuracy(models[path], task, length, args.samples, args.batch, args.seed, args.block, haystack)
-        rows.append({"model": Path(path).name, "variant": models[path].config.variant, "task": task,
-                     "length": length, "accuracy": acc, "samples": args.samples, "memory": args.memory})
+        rows.append(
+            {
+                "model": Path(path).name,
+                "variant": models[path].config.variant,
+                "task": task,
+                "length": length,
+                "accuracy": acc,
+                "samples": args.samples,
+                "memory": args.memory,
+            }
+        )
         tqdm.write(f"model={Path(path).name} task={task} length={length} accuracy={100 * acc:.1f}%")
     return {"rows": rows}, {}
 
@@ -91,15 +100,21 @@ def qwen_methods(args, titans) -> list:
     if "full" in args.stock:
         methods.append(("stock mlx-lm, full attention", "stock", make_prompt_cache))
     if "rotating" in args.stock:
-        methods.append((f"stock mlx-lm, rotating cache {titans.window}+{ROTATING_SINKS}", "stock",
-                        partial(make_prompt_cache, max_kv_size=titans.window + ROTATING_SINKS)))
+        methods.append(
+            (
+                f"stock mlx-lm, rotating cache {titans.window}+{ROTATING_SINKS}",
+                "stock",
+                partial(make_prompt_cache, max_kv_size=titans.window + ROTATING_SINKS),
+            )
+        )
     methods.append(("TitansQwen, no adapters", (None, None), make_prompt_cache))
     for adapters in args.adapters:
         if "on" in args.memory_updates:
             methods.append((f"TitansQwen + {adapters}", (adapters, None), make_prompt_cache))
         if "off" in args.memory_updates:
-            methods.append((f"TitansQwen + {adapters}, memory updates off", (adapters, FROZEN_MEMORY),
-                            make_prompt_cache))
+            methods.append(
+                (f"TitansQwen + {adapters}, memory updates off", (adapters, FROZEN_MEMORY), make_prompt_cache)
+            )
     return methods
 
 
@@ -124,15 +139,22 @@ def titans_qwen(args):
         sys.exit("error: --qwen needs --haystack, a folder of .txt books")
     try:
         config = read_qwen_config(Path(args.qwen))
-        titans = TitansQwenConfig.from_section(config.get("titans", {}), config["num_hidden_layers"],
-                                               config["hidden_size"])
+        titans = TitansQwenConfig.from_section(
+            config.get("titans", {}), config["num_hidden_layers"], config["hidden_size"]
+        )
         tokenizer = load_tokenizer(Path(args.qwen), eos_token_ids=config.get("eos_token_id"))
         check_adapters(args.qwen, args.adapters, titans)
         haystack = read_haystack(args.haystack, tokenizer)
-        samples = {(t, n): needle_samples(t, tokenizer, haystack, n, args.samples, args.seed, args.depths)
-                   for t in args.tasks for n in args.lengths}
-        windows = text_windows(haystack.ids, args.perplexity_length, args.perplexity_windows) \
-            if args.perplexity_length else None
+        samples = {
+            (t, n): needle_samples(t, tokenizer, haystack, n, args.samples, args.seed, args.depths)
+            for t in args.tasks
+            for n in args.lengths
+        }
+        windows = (
+            text_windows(haystack.ids, args.perplexity_length, args.perplexity_windows)
+            if args.perplexity_length
+            else None
+        )
     except ValueError as e:
         sys.exit(f"error: {e}")
     step = args.step or titans.segment_size
@@ -148,54 +170,96 @@ def titans_qwen(args):
             start = time.perf_counter()
             acc = needle_accuracy(model, tokenizer, group, make_cache, args.batch, step, bar.update)
             loss = answer_loss(model, tokenizer, group, make_cache, args.batch, step)
-            rows.append({"method": name, "task": task, "length": length, "accuracy": acc, "answer_loss": loss,
-                         "samples": len(group), "seconds": round(time.perf_counter() - start, 2)})
+            rows.append(
+                {
+                    "method": name,
+                    "task": task,
+                    "length": length,
+                    "accuracy": acc,
+                    "answer_loss": loss,
+                    "samples": len(group),
+                    "seconds": round(time.perf_counter() - start, 2),
+                }
+            )
             tqdm.write(f"{name}: {task} at {length} tokens: {100 * acc:.1f}%, answer loss {loss:.3f}")
         if args.perplexity_length:
             start = time.perf_counter()
-            first, beyond = window_losses(model, *windows, titans.window, titans.first_beyond_window, make_cache,
-                                          step=step)
+            first, beyond = window_losses(
+                model, *windows, titans.window, titans.first_beyond_window, make_cache, step=step
+            )
             bar.update(args.perplexity_windows)
-            perplexity.append({"method": name, "length": args.perplexity_length, "windows": args.perplexity_windows,
-                               "first_window_loss": first, "beyond_window_loss": beyond,
-                               "first_window_perplexity": math.exp(first),
-                               "beyond_window_perplexity": None if beyond is None else math.exp(beyond),
-                               "seconds": round(time.perf_counter() - start, 2)})
-            tqdm.write(f"{name}: loss {first:.4f} in the first {titans.window} positions"
-                       + ("" if beyond is None else f", {beyond:.4f} beyond the window"))
+            perplexity.append(
+                {
+                    "method": name,
+                    "length": args.perplexity_length,
+                    "windows": args.perplexity_windows,
+                    "first_window_loss": first,
+                    "beyond_window_loss": beyond,
+                    "first_window_perplexity": math.exp(first),
+                    "beyond_window_perplexity": None if beyond is None else math.exp(beyond),
+                    "seconds": round(time.perf_counter() - start, 2),
+                }
+            )
+            tqdm.write(
+                f"{name}: loss {first:.4f} in the first {titans.window} positions"
+                + ("" if beyond is None else f", {beyond:.4f} beyond the window")
+            )
     bar.close()
-    return {"titans": titans.to_section(), "rows": rows, "perplexity": perplexity}, {"line": "method",
-                                                                                      "window": titans.window}
+    return {"titans": titans.to_section(), "rows": rows, "perplexity": perplexity}, {
+        "line": "method",
+        "window": titans.window,
+    }
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     models = p.add_mutually_exclusive_group(required=True)
-    models.add_argument("--models", nargs="+", help="TitansLM checkpoint folders, or training runs (their newest "
-                        "checkpoint)")
+    models.add_argument(
+        "--models", nargs="+", help="TitansLM checkpoint folders, or training runs (their newest checkpoint)"
+    )
     models.add_argument("--qwen", help="a TitansQwen folder (mlx_titans.qwen.convert), or a plain Qwen one")
     p.add_argument("--tasks", nargs="+", help="default: passkey number word (--models), passkey number (--qwen)")
     p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192, 16384], help="prompt tokens")
     p.add_argument("--samples", type=int, default=100, help="samples per task and length")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--haystack", help="--models: a .txt file or folder of books whose bytes fill the haystack "
-                   "(default: noise); --qwen: a folder of .txt books, read through the model's tokenizer")
+    p.add_argument(
+        "--haystack",
+        help="--models: a .txt file or folder of books whose bytes fill the haystack "
+        "(default: noise); --qwen: a folder of .txt books, read through the model's tokenizer",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="niah.json", help="JSON results; the plot goes beside it as .png")
     lm = p.add_argument_group("TitansLM (--models)")
     lm.add_argument("--block", type=int, default=2048, help="tokens per forward call")
-    lm.add_argument("--memory", type=json_arg, default=None,
-                    help='MemoryConfig fields to run the models with, e.g. \'{"max_decay": 0.1}\': forget ten times '
-                         "slower than trained (README: what the forget gate does beyond the training length)")
+    lm.add_argument(
+        "--memory",
+        type=json_arg,
+        default=None,
+        help="MemoryConfig fields to run the models with, e.g. '{\"max_decay\": 0.1}': forget ten times "
+        "slower than trained (README: what the forget gate does beyond the training length)",
+    )
     qwen = p.add_argument_group("TitansQwen (--qwen)")
     qwen.add_argument("--adapters", nargs="+", default=[], help="memory adapter folders (mlx_titans.adapt): a row each")
-    qwen.add_argument("--memory-updates", nargs="+", choices=["on", "off"], default=["on"],
-                      help="the adapters' rows with the memory's test-time updates on, off (frozen memory), or both")
-    qwen.add_argument("--stock", nargs="*", choices=["full", "rotating"], default=["full", "rotating"],
-                      help="stock mlx-lm rows: full attention, a rotating cache of the window + 4 sinks "
-                      "(--stock alone: none)")
-    qwen.add_argument("--depths", nargs="+", type=float, help="needle depths in [0, 1] the samples cycle through "
-                      "(default: evenly spread over [0, 1])")
+    qwen.add_argument(
+        "--memory-updates",
+        nargs="+",
+        choices=["on", "off"],
+        default=["on"],
+        help="the adapters' rows with the memory's test-time updates on, off (frozen memory), or both",
+    )
+    qwen.add_argument(
+        "--stock",
+        nargs="*",
+        choices=["full", "rotating"],
+        default=["full", "rotating"],
+        help="stock mlx-lm rows: full attention, a rotating cache of the window + 4 sinks (--stock alone: none)",
+    )
+    qwen.add_argument(
+        "--depths",
+        nargs="+",
+        type=float,
+        help="needle depths in [0, 1] the samples cycle through (default: evenly spread over [0, 1])",
+    )
     qwen.add_argument("--step", type=int, help="prompt tokens per call (default: the TitansQwen segment_size)")
     qwen.add_argument("--perplexity-length", type=int, help="also the held-out loss of windows of this many tokens")
     qwen.add_argument("--perplexity-windows", type=int, default=16)

@@ -29,8 +29,17 @@ from mlx_titans.files import atomic_folder, run_reporting_errors, write_json_ato
 from mlx_titans.text_needles import TASKS
 
 STAGES = ("tokenizer", "model", "data", "train", "fuse")
-OUTPUT_SETTINGS = ("data", "vocab_size", "sizes", "seq_len", "tokens", "valid_tokens", "needle_fraction", "needle_tasks",
-                   "seed")
+OUTPUT_SETTINGS = (
+    "data",
+    "vocab_size",
+    "sizes",
+    "seq_len",
+    "tokens",
+    "valid_tokens",
+    "needle_fraction",
+    "needle_tasks",
+    "seed",
+)
 
 
 def parse_sizes(pairs) -> dict:
@@ -47,14 +56,27 @@ def train_config(work: Path, args) -> dict:
     """mlx-lm lora's YAML options: AdamW, a linear warmup of 5% of the iterations, then cosine decay to lr / 10."""
     warmup = max(1, args.iters // 20)
     return {
-        "model": str(work / "model"), "data": str(work / "data"), "adapter_path": str(work / "adapters"),
-        "train": True, "fine_tune_type": "full", "num_layers": -1, "optimizer": "adamw", "seed": args.seed,
-        "batch_size": args.batch_size, "iters": args.iters, "learning_rate": args.learning_rate,
-        "lr_schedule": {"name": "cosine_decay", "arguments": [args.learning_rate, max(1, args.iters - warmup),
-                                                              args.learning_rate / 10], "warmup": warmup},
+        "model": str(work / "model"),
+        "data": str(work / "data"),
+        "adapter_path": str(work / "adapters"),
+        "train": True,
+        "fine_tune_type": "full",
+        "num_layers": -1,
+        "optimizer": "adamw",
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "iters": args.iters,
+        "learning_rate": args.learning_rate,
+        "lr_schedule": {
+            "name": "cosine_decay",
+            "arguments": [args.learning_rate, max(1, args.iters - warmup), args.learning_rate / 10],
+            "warmup": warmup,
+        },
         "max_seq_length": args.seq_len + 1,  # a row of seq_len tokens plus the eos mlx-lm appends
-        "steps_per_report": args.steps_per_report, "steps_per_eval": args.steps_per_eval,
-        "val_batches": args.val_batches, "save_every": args.save_every,
+        "steps_per_report": args.steps_per_report,
+        "steps_per_eval": args.steps_per_eval,
+        "val_batches": args.val_batches,
+        "save_every": args.save_every,
     }
 
 
@@ -65,8 +87,10 @@ def check_settings(work: Path, settings: dict) -> None:
         made = json.loads(path.read_text())
         for key in OUTPUT_SETTINGS:
             if made.get(key) != settings[key]:
-                raise ValueError(f"{work} was made with {key} {made.get(key)!r}, not {settings[key]!r}; use another "
-                                 "--work or the same settings")
+                raise ValueError(
+                    f"{work} was made with {key} {made.get(key)!r}, not {settings[key]!r}; use another "
+                    "--work or the same settings"
+                )
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, settings)
 
@@ -93,9 +117,17 @@ def run(args) -> None:
     if not 0 <= args.needle_fraction <= 1:
         raise ValueError(f"--needle-fraction must be in [0, 1], got {args.needle_fraction}")
     tokens = args.tokens or args.iters * args.batch_size * args.seq_len
-    settings = {"data": str(data), "vocab_size": args.vocab_size, "sizes": parse_sizes(args.sizes),
-                "seq_len": args.seq_len, "tokens": tokens, "valid_tokens": args.valid_tokens,
-                "needle_fraction": args.needle_fraction, "needle_tasks": args.needle_tasks, "seed": args.seed}
+    settings = {
+        "data": str(data),
+        "vocab_size": args.vocab_size,
+        "sizes": parse_sizes(args.sizes),
+        "seq_len": args.seq_len,
+        "tokens": tokens,
+        "valid_tokens": args.valid_tokens,
+        "needle_fraction": args.needle_fraction,
+        "needle_tasks": args.needle_tasks,
+        "seed": args.seed,
+    }
     check_settings(work, settings)
 
     if "tokenizer" in stages and not (work / "tokenizer").exists():
@@ -107,15 +139,33 @@ def run(args) -> None:
         print(f"wrote {work / 'model'}: " + ", ".join(f"{k} {config[k]}" for k in (*PRESET, "vocab_size")))
     if "data" in stages and not (work / "data").exists():
         require(work, "tokenizer", "data")
-        summary = write_data(work / "data", load_hf_tokenizer(work / "tokenizer"), data / "train", data / "valid",
-                             args.seq_len, tokens, args.valid_tokens, args.needle_fraction, args.seed,
-                             args.needle_tasks)
+        summary = write_data(
+            work / "data",
+            load_hf_tokenizer(work / "tokenizer"),
+            data / "train",
+            data / "valid",
+            args.seq_len,
+            tokens,
+            args.valid_tokens,
+            args.needle_fraction,
+            args.seed,
+            args.needle_tasks,
+        )
         print(f"wrote {work / 'data'}: {summary}")
 
     finished = work / "adapters" / "finished.json"
     train = [sys.executable, "-m", "mlx_titans.corpus", "-c", str(work / "train.yaml")]
-    fuse = [sys.executable, "-m", "mlx_lm", "fuse", "--model", str(work / "model"), "--adapter-path",
-            str(work / "adapters"), "--save-path"]
+    fuse = [
+        sys.executable,
+        "-m",
+        "mlx_lm",
+        "fuse",
+        "--model",
+        str(work / "model"),
+        "--adapter-path",
+        str(work / "adapters"),
+        "--save-path",
+    ]
     if not finished.exists():
         (work / "train.yaml").write_text(yaml.safe_dump(train_config(work, args), sort_keys=False))
         if "train" in stages:
@@ -133,14 +183,16 @@ def run(args) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.qwen_base", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.qwen_base", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("stages", nargs="*", help=f"stages to run, of {', '.join(STAGES)} (default: tokenizer model data)")
     p.add_argument("--work", default="runs/qwen_base", help="folder of every stage's output")
     p.add_argument("--data", default="../shared/data/books", help="folder with train/ and valid/ .txt files")
     p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--sizes", nargs="*", default=[], metavar="KEY=N",
-                   help=f"model sizes other than the preset {PRESET}")
+    p.add_argument(
+        "--sizes", nargs="*", default=[], metavar="KEY=N", help=f"model sizes other than the preset {PRESET}"
+    )
     p.add_argument("--seq-len", type=int, default=512, help="tokens per row (full attention over all of them)")
     p.add_argument("--tokens", type=int, help="train.jsonl tokens (default: iters x batch size x seq len)")
     p.add_argument("--valid-tokens", type=int, default=262144)

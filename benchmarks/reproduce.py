@@ -72,14 +72,27 @@ RUNS = {
     "mac_no_weight_decay": {**MAC, "memory": {**MAC["memory"], "weight_decay": False}},
     "mac_linear_memory": {**MAC, "memory": {**MAC["memory"], "depth": 1}},
 }
-DEFAULT_RUNS = ["mac", "mag", "mal", "lmm", "swa", "transformer", "mac_no_momentum", "mac_no_weight_decay",
-                "mac_linear_memory"]  # the paper's table: MAC once
+DEFAULT_RUNS = [
+    "mac",
+    "mag",
+    "mal",
+    "lmm",
+    "swa",
+    "transformer",
+    "mac_no_momentum",
+    "mac_no_weight_decay",
+    "mac_linear_memory",
+]  # the paper's table: MAC once
 # Forgetting at most a tenth as fast (alpha = 0.1 * sigmoid(.)): the trained MAC, MAG and MAL weights retrieved far
 # beyond their training length when run so (benchmarks/forget_gate.py). Trained so from the start, they retrieved
 # less there than those weights did (README).
 SLOW_FORGET = {"max_decay": 0.1}
-RUNS.update({f"{name}_max_decay_0.1": {**RUNS[name], "memory": {**RUNS[name].get("memory", {}), **SLOW_FORGET}}
-             for name in ("mac", "mag", "mal")})
+RUNS.update(
+    {
+        f"{name}_max_decay_0.1": {**RUNS[name], "memory": {**RUNS[name].get("memory", {}), **SLOW_FORGET}}
+        for name in ("mac", "mag", "mal")
+    }
+)
 NEEDLE_TASKS = ("passkey", "number", "word", "uuid")
 DEFAULT_TASKS = ["passkey", "number", "word"]  # the committed results' commands rely on it (uuid came later)
 # The paper's memory details (§4.4): SiLU on q/k/v, normalised q and k, a depthwise conv of size 4, and normalisation
@@ -89,16 +102,26 @@ DEFAULT_TASKS = ["passkey", "number", "word"]  # the committed results' commands
 # The forget gate starts near 0 (bias -4, weight 0: a chunk keeps 98% of the memory), not near 0.5, which erases a
 # needle within a few chunks before a model can learn to keep it. In the sweep, MAC retrieved nothing without the
 # initialisation (0% at 1x with either normalisation); MAG, MAL and LMM, run only with it, reached 96% at 1x.
-MEMORY = {"chunk_size": 64, "heads": 2, "qkv_silu": True, "qk_rmsnorm": True, "conv_size": 4, "post_rmsnorm": True,
-          "max_grad_norm": 1.0, "init_decay_bias": -4.0}
+MEMORY = {
+    "chunk_size": 64,
+    "heads": 2,
+    "qkv_silu": True,
+    "qk_rmsnorm": True,
+    "conv_size": 4,
+    "post_rmsnorm": True,
+    "max_grad_norm": 1.0,
+    "init_decay_bias": -4.0,
+}
 PARAMETER_TOLERANCE = 0.02
 CHECKPOINT_EVERY = 250  # steps between checkpoints, what a stopped run loses at most
 CACHE_LIMIT = 2 << 30  # bytes of freed buffers each run keeps when --jobs > 1 (3 runs at once fitted on an H100)
 NIAH_BLOCK = 2048  # tokens per forward call when reading a needle sample
-MIXTURE = ("trained on a mixture: per batch, a needle_fraction share of rows are S-NIAH samples in book text (loss on "
-           "the answer tokens, weighted so that a needle row weighs as much as a full row), the rest plain "
-           "language-modelling windows of the books; text token ids are the tokenizer's shifted past the task's "
-           "markers and digits")
+MIXTURE = (
+    "trained on a mixture: per batch, a needle_fraction share of rows are S-NIAH samples in book text (loss on "
+    "the answer tokens, weighted so that a needle row weighs as much as a full row), the rest plain "
+    "language-modelling windows of the books; text token ids are the tokenizer's shifted past the task's "
+    "markers and digits"
+)
 
 
 def token_files(work) -> dict:
@@ -122,9 +145,16 @@ def vocab_size(args) -> int:
 
 def model_config(args, name: str, vocab: int) -> TitansLMConfig:
     run = RUNS[name]
-    return TitansLMConfig(variant=run["variant"], vocab_size=vocab, dim=args.dim, layers=args.layers, heads=args.heads,
-                        window=args.window, persistent_tokens=args.persistent_tokens,
-                        memory={**args.memory, **run.get("memory", {})})
+    return TitansLMConfig(
+        variant=run["variant"],
+        vocab_size=vocab,
+        dim=args.dim,
+        layers=args.layers,
+        heads=args.heads,
+        window=args.window,
+        persistent_tokens=args.persistent_tokens,
+        memory={**args.memory, **run.get("memory", {})},
+    )
 
 
 def count_parameters(config: TitansLMConfig) -> int:
@@ -140,8 +170,10 @@ def matched_config(args, name: str, vocab: int) -> TitansLMConfig:
     matched = replace(config, mlp_dim=32 * max(1, 1 + round((target - narrow) / per_32)))
     params = count_parameters(matched)
     if abs(params - target) > PARAMETER_TOLERANCE * target:
-        raise ValueError(f"{name} cannot match the MAC's {target:,} parameters within {PARAMETER_TOLERANCE:.0%}: "
-                         f"{params:,} at feed-forward width {matched.mlp_dim}")
+        raise ValueError(
+            f"{name} cannot match the MAC's {target:,} parameters within {PARAMETER_TOLERANCE:.0%}: "
+            f"{params:,} at feed-forward width {matched.mlp_dim}"
+        )
     return matched
 
 
@@ -160,12 +192,23 @@ def train_settings(args, config: TitansLMConfig, out: Path) -> dict:
         "vocab_size": config.vocab_size,
         "task": ",".join(args.tasks),
         "task_source": "mlx_titans.data:mixed_batch",
-        "task_kwargs": {"tokens": str(token_files(args.work)["train"].resolve()),
-                        "needle_fraction": args.needle_fraction},
-        "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
-        "warmup": args.warmup, "dtype": args.dtype, "seed": args.seed,
-        "out": str(out), "log_every": min(25, args.steps), "eval_every": args.steps, "eval_batches": 1,
-        "checkpoint_every": min(CHECKPOINT_EVERY, args.steps), "keep_checkpoints": 2,
+        "task_kwargs": {
+            "tokens": str(token_files(args.work)["train"].resolve()),
+            "needle_fraction": args.needle_fraction,
+        },
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "out": str(out),
+        "log_every": min(25, args.steps),
+        "eval_every": args.steps,
+        "eval_batches": 1,
+        "checkpoint_every": min(CHECKPOINT_EVERY, args.steps),
+        "keep_checkpoints": 2,
     }
 
 
@@ -199,17 +242,37 @@ def run_one(args, name: str) -> None:
     for task in args.tasks:
         for length in args.lengths:
             acc = accuracy(model, task, length, args.samples, args.batch_size, args.seed, NIAH_BLOCK, valid)
-            rows.append({"model": name, "variant": config.variant, "task": task, "length": length, "accuracy": acc,
-                         "samples": args.samples})
+            rows.append(
+                {
+                    "model": name,
+                    "variant": config.variant,
+                    "task": task,
+                    "length": length,
+                    "accuracy": acc,
+                    "samples": args.samples,
+                }
+            )
             print(f"{name}: {task} at {length} tokens: {100 * acc:.1f}%", flush=True)
-    write_json_atomic(folder / "result.json", {
-        "name": name, "variant": config.variant, "memory": config.memory if config.memory_layers else None,
-        "mlp_dim": config.mlp_dim, "parameters": summary["parameters"], "tokens": summary["tokens"],
-        "train_seconds": summary["train_seconds"], "tokens_per_s": summary["tokens_per_s"],
-        "resumed_from": None if resume is None else resume.name,  # train_seconds then counts the resumed part only
-        "train_loss": summary["train_loss"], "valid_loss": valid_loss, "valid_ppl": math.exp(valid_loss),
-        "eval_seconds": time.perf_counter() - tic, "settings": settings(args), "rows": rows,
-    })
+    write_json_atomic(
+        folder / "result.json",
+        {
+            "name": name,
+            "variant": config.variant,
+            "memory": config.memory if config.memory_layers else None,
+            "mlp_dim": config.mlp_dim,
+            "parameters": summary["parameters"],
+            "tokens": summary["tokens"],
+            "train_seconds": summary["train_seconds"],
+            "tokens_per_s": summary["tokens_per_s"],
+            "resumed_from": None if resume is None else resume.name,  # train_seconds then counts the resumed part only
+            "train_loss": summary["train_loss"],
+            "valid_loss": valid_loss,
+            "valid_ppl": math.exp(valid_loss),
+            "eval_seconds": time.perf_counter() - tic,
+            "settings": settings(args),
+            "rows": rows,
+        },
+    )
 
 
 def run_child(name: str, argv: list, work: Path, gpus: GPUs = None) -> int:
@@ -234,8 +297,15 @@ def prepare(args) -> int:
     parameter matching. Returns the vocabulary size."""
     prepare_tokens(args)
     vocab = vocab_size(args)
-    mixed_batch(",".join(args.tasks), args.batch_size, args.seq_len, np.random.default_rng(0), vocab,
-                token_files(args.work)["train"], args.needle_fraction)
+    mixed_batch(
+        ",".join(args.tasks),
+        args.batch_size,
+        args.seq_len,
+        np.random.default_rng(0),
+        vocab,
+        token_files(args.work)["train"],
+        args.needle_fraction,
+    )
     for name in args.runs:
         config = matched_config(args, name, vocab)
         print(f"{name}: {count_parameters(config):,} parameters (feed-forward width {config.mlp_dim})")
@@ -245,12 +315,17 @@ def prepare(args) -> int:
 def run_all(args, argv: list, vocab: int, gpus: GPUs) -> None:
     """Train the runs that have no result yet, --jobs at a time, then gather all results."""
     work, files = Path(args.work), token_files(args.work)
-    results = {name: json.loads((work / name / "result.json").read_text())
-               for name in args.runs if (work / name / "result.json").is_file()}
+    results = {
+        name: json.loads((work / name / "result.json").read_text())
+        for name in args.runs
+        if (work / name / "result.json").is_file()
+    }
     stale = [name for name, result in results.items() if result["settings"] != settings(args)]
     if stale:
-        sys.exit(f"error: {', '.join(str(work / n / 'result.json') for n in stale)} came from other settings; "
-                 "delete them or pick another --work")
+        sys.exit(
+            f"error: {', '.join(str(work / n / 'result.json') for n in stale)} came from other settings; "
+            "delete them or pick another --work"
+        )
     todo = [name for name in args.runs if name not in results]
     if results:
         print(f"already done: {', '.join(results)}")
@@ -263,12 +338,16 @@ def run_all(args, argv: list, vocab: int, gpus: GPUs) -> None:
             name, code = futures[future], future.result()
             if code == 0:
                 results[name] = json.loads((work / name / "result.json").read_text())
-                bar.write(f"{name}: done, {results[name]['train_seconds']:.0f} s training, "
-                          f"held-out perplexity {results[name]['valid_ppl']:.2f}")
+                bar.write(
+                    f"{name}: done, {results[name]['train_seconds']:.0f} s training, "
+                    f"held-out perplexity {results[name]['valid_ppl']:.2f}"
+                )
             else:
                 failed.append(name)
-                bar.write(f"{name}: FAILED with exit code {code}; {work / name / 'log.txt'} ends:\n"
-                          f"{log_tail(work / name / 'log.txt')}")
+                bar.write(
+                    f"{name}: FAILED with exit code {code}; {work / name / 'log.txt'} ends:\n"
+                    f"{log_tail(work / name / 'log.txt')}"
+                )
             bar.update()
     if failed:
         sys.exit(f"error: {', '.join(failed)} failed; the other runs' results are kept, and a rerun resumes")
@@ -277,40 +356,69 @@ def run_all(args, argv: list, vocab: int, gpus: GPUs) -> None:
     rows = [row for run in runs for row in run["rows"]]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, {
-        "device": device_name(),
-        "command": shlex.join(["python", "-m", "benchmarks.reproduce", *argv]),
-        "settings": {**settings(args), "vocab_size": vocab, "train_tokens": len(load_tokens(str(files["train"]))),
-                     "valid_tokens": len(load_tokens(str(files["valid"]))), "note": MIXTURE},
-        "runs": [{k: v for k, v in run.items() if k not in ("settings", "rows")} for run in runs],
-        "rows": rows,
-    })
+    write_json_atomic(
+        out,
+        {
+            "device": device_name(),
+            "command": shlex.join(["python", "-m", "benchmarks.reproduce", *argv]),
+            "settings": {
+                **settings(args),
+                "vocab_size": vocab,
+                "train_tokens": len(load_tokens(str(files["train"]))),
+                "valid_tokens": len(load_tokens(str(files["valid"]))),
+                "note": MIXTURE,
+            },
+            "runs": [{k: v for k, v in run.items() if k not in ("settings", "rows")} for run in runs],
+            "rows": rows,
+        },
+    )
     plot(rows, out.with_suffix(".png"))
     print(table(runs, args.tasks, args.lengths))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.reproduce", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.reproduce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
     def add(flag, help, **kw):
         shown = kw.pop("shown", kw.get("default"))
         p.add_argument(flag, help=help if shown is None else f"{help} (default: {shown})", **kw)
 
     add("--work", "the token streams and every run's files", default="runs/reproduce")
-    add("--out", "the gathered JSON; the plot goes beside it as .png",
-        default="benchmarks/results/niah_reproduction.json")
-    add("--data", "books folder (train/ and valid/ of .txt files), read while WORK/tokens lacks a split",
-        default=str(REPO.parent / "shared" / "data" / "books"))
-    add("--tokenizer", "tokenizer.json of the token streams",
-        default=str(REPO / "mlx_titans" / "default_model" / "tokenizer.json"), shown="the default model's")
-    add("--runs", f"runs to train, of {', '.join(RUNS)}", nargs="+", choices=list(RUNS), default=DEFAULT_RUNS,
-        metavar="NAME", shown="the paper's: " + " ".join(DEFAULT_RUNS))
-    add("--jobs", "runs trained at once, each in a process of its own (3 at once ran on one H100)",
-        type=int, default=1)
-    add("--gpus", "GPUs to spread the --jobs over, each run on the least busy (CUDA_VISIBLE_DEVICES)", type=int,
-        default=1)
+    add(
+        "--out",
+        "the gathered JSON; the plot goes beside it as .png",
+        default="benchmarks/results/niah_reproduction.json",
+    )
+    add(
+        "--data",
+        "books folder (train/ and valid/ of .txt files), read while WORK/tokens lacks a split",
+        default=str(REPO.parent / "shared" / "data" / "books"),
+    )
+    add(
+        "--tokenizer",
+        "tokenizer.json of the token streams",
+        default=str(REPO / "mlx_titans" / "default_model" / "tokenizer.json"),
+        shown="the default model's",
+    )
+    add(
+        "--runs",
+        f"runs to train, of {', '.join(RUNS)}",
+        nargs="+",
+        choices=list(RUNS),
+        default=DEFAULT_RUNS,
+        metavar="NAME",
+        shown="the paper's: " + " ".join(DEFAULT_RUNS),
+    )
+    add("--jobs", "runs trained at once, each in a process of its own (3 at once ran on one H100)", type=int, default=1)
+    add(
+        "--gpus",
+        "GPUs to spread the --jobs over, each run on the least busy (CUDA_VISIBLE_DEVICES)",
+        type=int,
+        default=1,
+    )
     add("--prepare-only", "encode the books into WORK/tokens, check the settings and stop", action="store_true")
     p.add_argument("--only", choices=list(RUNS), help=argparse.SUPPRESS)  # a child: train and evaluate this run
 
@@ -319,20 +427,39 @@ def build_parser() -> argparse.ArgumentParser:
     add("--heads", "attention heads", type=int, default=4)
     add("--window", "MAC segment length and MAG/MAL/SWA window", type=int, default=128)
     add("--persistent-tokens", "learned persistent memory tokens", type=int, default=4)
-    add("--memory", "MemoryConfig options as JSON; the ablations override theirs", type=train.json_arg,
-        default=MEMORY, shown=f"'{json.dumps(MEMORY)}'")
+    add(
+        "--memory",
+        "MemoryConfig options as JSON; the ablations override theirs",
+        type=train.json_arg,
+        default=MEMORY,
+        shown=f"'{json.dumps(MEMORY)}'",
+    )
     add("--seq-len", "training length L", type=int, default=512)
     add("--batch-size", "rows per training step and per needle-test batch", type=int, default=32)
-    add("--steps", "optimizer steps (at 300 no model, Transformer++ included, retrieved a single needle)",
-        type=int, default=1500)
+    add(
+        "--steps",
+        "optimizer steps (at 300 no model, Transformer++ included, retrieved a single needle)",
+        type=int,
+        default=1500,
+    )
     add("--warmup", "linear warm-up steps", type=int, default=50)
-    add("--lr", "peak learning rate; MAC learnt retrieval only at lr x dim <= 0.128 (README): 2.5e-4 at dim 256",
-        type=float, default=1e-3)
+    add(
+        "--lr",
+        "peak learning rate; MAC learnt retrieval only at lr x dim <= 0.128 (README): 2.5e-4 at dim 256",
+        type=float,
+        default=1e-3,
+    )
     add("--dtype", "compute dtype", choices=list(train.DTYPES), default="bfloat16")
     add("--seed", "weights, data order and needle-test samples", type=int, default=0)
     add("--needle-fraction", "share of training rows that are needle samples", type=float, default=0.5)
-    add("--tasks", "needle tasks, trained and tested", nargs="+", choices=NEEDLE_TASKS, default=DEFAULT_TASKS,
-        shown="passkey number word")
+    add(
+        "--tasks",
+        "needle tasks, trained and tested",
+        nargs="+",
+        choices=NEEDLE_TASKS,
+        default=DEFAULT_TASKS,
+        shown="passkey number word",
+    )
     add("--lengths", "needle-test lengths", nargs="+", type=int, shown="1, 2, 4 and 8 x --seq-len")
     add("--samples", "needle samples per task and length", type=int, default=100)
     add("--valid-batches", "held-out batches of --batch-size x --seq-len for the perplexity", type=int, default=32)

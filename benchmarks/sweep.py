@@ -38,10 +38,25 @@ def commands(spec: dict, run: dict, work: Path) -> list:
     """The run's training and test commands."""
     folder = work / run["name"]
     return [
-        [sys.executable, "-m", "mlx_titans.train", *spec.get("train", []), *run.get("train", []),
-         "--out", str(folder / "train")],
-        [sys.executable, "-m", "benchmarks.niah", "--models", str(folder / "train"), *spec.get("niah", []),
-         "--out", str(folder / "niah.json")],
+        [
+            sys.executable,
+            "-m",
+            "mlx_titans.train",
+            *spec.get("train", []),
+            *run.get("train", []),
+            "--out",
+            str(folder / "train"),
+        ],
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.niah",
+            "--models",
+            str(folder / "train"),
+            *spec.get("niah", []),
+            "--out",
+            str(folder / "niah.json"),
+        ],
     ]
 
 
@@ -51,15 +66,21 @@ def gathered(spec: dict, work: Path) -> dict:
         folder = work / run["name"]
         log = [json.loads(line) for line in (folder / "train" / "log.jsonl").read_text().splitlines()]
         valid = [r["valid_loss"] for r in log if "valid_loss" in r]
-        runs.append({"name": run["name"], "valid_loss": valid[-1] if valid else None,
-                     "commands": ["python " + shlex.join(c[1:]) for c in commands(spec, run, work)]})
+        runs.append(
+            {
+                "name": run["name"],
+                "valid_loss": valid[-1] if valid else None,
+                "commands": ["python " + shlex.join(c[1:]) for c in commands(spec, run, work)],
+            }
+        )
         rows += [{**row, "model": run["name"]} for row in json.loads((folder / "niah.json").read_text())["rows"]]
     return {"device": device_name(), "spec": spec, "runs": runs, "rows": rows}
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("spec", help="the sweep's JSON spec")
     p.add_argument("--work", default="runs/sweep", help="every run's folder")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each in processes of its own")
@@ -73,8 +94,9 @@ def main(argv=None) -> dict:
     work = Path(args.work)
     todo = [run for run in spec["runs"] if not (work / run["name"] / "niah.json").is_file()]
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        codes = list(pool.map(lambda run: run_logged(commands(spec, run, work), work / run["name"], run["name"], gpus),
-                              todo))
+        codes = list(
+            pool.map(lambda run: run_logged(commands(spec, run, work), work / run["name"], run["name"], gpus), todo)
+        )
     failed = [run["name"] for run, code in zip(todo, codes) if code]
     for name in failed:
         print(f"{name}: FAILED; {work / name / 'log.txt'} ends:\n{log_tail(work / name / 'log.txt')}", flush=True)

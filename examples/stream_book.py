@@ -32,8 +32,10 @@ def main():
         logits = model(inputs[:, : targets.shape[1]], cache)
         loss = nn.losses.cross_entropy(logits, targets).mean()
         mx.eval(loss, [c.state for c in cache])
-        print(f"tokens {start + targets.shape[1]:>8}  ppl {math.exp(loss.item()):8.2f}  "
-              f"peak memory {mx.get_peak_memory() / 2**20:7.1f} MiB")
+        print(
+            f"tokens {start + targets.shape[1]:>8}  ppl {math.exp(loss.item()):8.2f}  "
+            f"peak memory {mx.get_peak_memory() / 2**20:7.1f} MiB"
+        )
 
 
 if __name__ == "__main__":

@@ -22,12 +22,42 @@ def main():
     p.add_argument("--resume", action="store_true")
     args = p.parse_args()
     memory = {"chunk_size": 32, "heads": 2, "max_grad_norm": 1.0}  # the clamp keeps the inner loop stable
-    argv = ["--resume", args.out] if args.resume else [
-        "--data", args.folder, "--vocab-size", "2048", "--out", args.out,
-        "--variant", "mac", "--dim", "128", "--layers", "2", "--heads", "4", "--window", "64",
-        "--memory", json.dumps(memory), "--seq-len", "256", "--batch-size", "8",
-        "--lr", "1e-3", "--warmup", "20", "--eval-every", "100", "--checkpoint-every", "100",
-    ]
+    argv = (
+        ["--resume", args.out]
+        if args.resume
+        else [
+            "--data",
+            args.folder,
+            "--vocab-size",
+            "2048",
+            "--out",
+            args.out,
+            "--variant",
+            "mac",
+            "--dim",
+            "128",
+            "--layers",
+            "2",
+            "--heads",
+            "4",
+            "--window",
+            "64",
+            "--memory",
+            json.dumps(memory),
+            "--seq-len",
+            "256",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--warmup",
+            "20",
+            "--eval-every",
+            "100",
+            "--checkpoint-every",
+            "100",
+        ]
+    )
     summary = train(argv + ["--steps", str(args.steps)])
     print(f"held-out perplexity {summary['valid_ppl']:.1f} after {summary['step']} steps")
     generate(["--model", summary["checkpoint"], "-p", "The", "-m", "40", "--temp", "0.8", "--seed", "0"])

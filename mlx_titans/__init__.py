@@ -7,5 +7,16 @@ from .neural_memory import MemoryState, NeuralMemory
 from .prefill import prefill
 from .prompt_cache import load_prompt_cache
 
-__all__ = ["MemoryConfig", "MemoryState", "NeuralMemory", "TitansLM", "TitansLMConfig", "load_model", "save_model",
-           "load_state", "save_state", "load_prompt_cache", "prefill"]
+__all__ = [
+    "MemoryConfig",
+    "MemoryState",
+    "NeuralMemory",
+    "TitansLM",
+    "TitansLMConfig",
+    "load_model",
+    "save_model",
+    "load_state",
+    "save_state",
+    "load_prompt_cache",
+    "prefill",
+]

@@ -44,12 +44,32 @@ from .text_needles import TASKS, make_haystack, training_row
 from .train import barrier, checkpoints, lr_schedule, ranks_in_sync, read_checkpoint, step_loop, write_checkpoint
 
 DEFAULTS = {
-    "model": None, "data": None, "adapter_path": "adapters", "resume": False,
-    "sample_length": None, "batch_size": 1, "iters": 1000,
-    "lr": 1e-3, "min_lr_ratio": 0.1, "warmup": 50, "betas": [0.9, 0.999], "weight_decay": 0.0, "grad_clip": 1.0,
-    "needle_fraction": 0.5, "needle_tasks": list(TASKS), "teacher": "none",
-    "lora_layers": 0, "lora_rank": 8, "lora_scale": 20.0, "grad_checkpoint": True, "seed": 0,
-    "steps_per_report": 10, "steps_per_eval": 100, "val_batches": 8, "save_every": 100, "keep_checkpoints": 2,
+    "model": None,
+    "data": None,
+    "adapter_path": "adapters",
+    "resume": False,
+    "sample_length": None,
+    "batch_size": 1,
+    "iters": 1000,
+    "lr": 1e-3,
+    "min_lr_ratio": 0.1,
+    "warmup": 50,
+    "betas": [0.9, 0.999],
+    "weight_decay": 0.0,
+    "grad_clip": 1.0,
+    "needle_fraction": 0.5,
+    "needle_tasks": list(TASKS),
+    "teacher": "none",
+    "lora_layers": 0,
+    "lora_rank": 8,
+    "lora_scale": 20.0,
+    "grad_checkpoint": True,
+    "seed": 0,
+    "steps_per_report": 10,
+    "steps_per_eval": 100,
+    "val_batches": 8,
+    "save_every": 100,
+    "keep_checkpoints": 2,
 }
 TEACHERS = ("none", "full")
 
@@ -73,8 +93,9 @@ ARRAY = object()  # marks where a cache state's arrays go in its layout
 def split_states(states):
     """Caches' states -> (their arrays, the layout: the rest, with ARRAY where each array goes)."""
     flat = tree_flatten(states)
-    return [v for _, v in flat if isinstance(v, mx.array)], [(k, ARRAY if isinstance(v, mx.array) else v)
-                                                             for k, v in flat]
+    return [v for _, v in flat if isinstance(v, mx.array)], [
+        (k, ARRAY if isinstance(v, mx.array) else v) for k, v in flat
+    ]
 
 
 def join_states(layout, arrays):
@@ -86,6 +107,7 @@ def segment_function(model, layout, next_layout: list, inputs, targets, weights,
     """f(arrays) -> (weighted loss sum, the caches' next arrays) of one segment, fed through caches restored from
     `layout` and `arrays`; it writes the next layout into `next_layout`. Everything but the cache's arrays is a
     constant of the function, so that mx.vjp differentiates with respect to them alone (not the token ids)."""
+
     def run(arrays):
         cache = model.make_cache()  # fresh copies of the arrays: caches write into their buffers in place
         for c, state in zip(cache, join_states(layout, [a + 0 for a in arrays]) if layout else []):
@@ -134,6 +156,7 @@ def value_and_grad(model, inputs, targets, weights, answer_rows, teacher_hidden=
         total = total + loss
     grads, cotangents = [mx.zeros_like(v) for v in values], [mx.zeros_like(a) for a in starts[-1][1]]
     for run, (_, arrays) in zip(reversed(runs), reversed(starts[:-1])):
+
         def segment(*primals, run=run):
             model.update(tree_unflatten(list(zip(names, primals[: len(names)]))))
             loss, next_arrays = run(list(primals[len(names) :]))
@@ -151,8 +174,10 @@ def value_and_grad(model, inputs, targets, weights, answer_rows, teacher_hidden=
 def text_streams(data, tokenizer, cache_dir) -> dict:
     """{"train", "valid"}: token streams of a folder of .txt documents (train/ and valid/ subfolders, else every
     10th document is held out) or of mlx-lm's train.jsonl / valid.jsonl {"text": ...} rows."""
-    return {split: token_stream(files, tokenizer.backend_tokenizer, cache_dir, split)
-            for split, files in split_files(data).items()}
+    return {
+        split: token_stream(files, tokenizer.backend_tokenizer, cache_dir, split)
+        for split, files in split_files(data).items()
+    }
 
 
 def draw_batch(c: dict, stream, haystack, tokenizer, rng):
@@ -178,8 +203,9 @@ def validation_batches(c: dict, stream, haystack, tokenizer) -> list:
     rng = np.random.default_rng([0x7A11D, 1])
     needles = []
     for _ in text:
-        rows = [training_row(c["needle_tasks"][i % len(c["needle_tasks"])], tokenizer, haystack, L, rng)
-                for i in range(B)]
+        rows = [
+            training_row(c["needle_tasks"][i % len(c["needle_tasks"])], tokenizer, haystack, L, rng) for i in range(B)
+        ]
         inputs, targets, masks = (np.stack(a) for a in zip(*rows))
         needles.append((inputs, targets, masks.astype(np.float32), np.ones(B, bool)))
     return text + needles
@@ -205,8 +231,11 @@ def evaluate(model, batches, group) -> dict:
             logits = model(inputs[:, piece], cache).astype(mx.float32)
             ce = nn.losses.cross_entropy(logits, targets[:, piece]) * weights[:, piece]
             position = mx.arange(start, start + ce.shape[1])[None]
-            parts = {"answer": answer_rows[:, None], "text": ~answer_rows[:, None],
-                     "beyond_window": (~answer_rows[:, None]) & (position >= blind)}
+            parts = {
+                "answer": answer_rows[:, None],
+                "text": ~answer_rows[:, None],
+                "beyond_window": (~answer_rows[:, None]) & (position >= blind),
+            }
             for name, keep in parts.items():
                 keep = mx.broadcast_to(keep, ce.shape)
                 sums[name] = sums[name] + mx.where(keep, ce, 0).sum()
@@ -262,8 +291,16 @@ def check_config(c: dict, world_size: int) -> None:
         raise ValueError(f"--needle-tasks: unknown {sorted(unknown)}; choose from {', '.join(TASKS)}")
     if not 0 <= c["needle_fraction"] <= 1:
         raise ValueError(f"--needle-fraction must be in [0, 1], got {c['needle_fraction']}")
-    for key in ("batch_size", "iters", "steps_per_report", "steps_per_eval", "val_batches", "save_every",
-                "keep_checkpoints", "lora_rank"):
+    for key in (
+        "batch_size",
+        "iters",
+        "steps_per_report",
+        "steps_per_eval",
+        "val_batches",
+        "save_every",
+        "keep_checkpoints",
+        "lora_rank",
+    ):
         if c[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {c[key]}")
     if c["lora_layers"] < 0:
@@ -274,8 +311,9 @@ def check_config(c: dict, world_size: int) -> None:
     if c["resume"] and not found:
         raise ValueError(f"--resume: no checkpoint in {c['adapter_path']}")
     if not c["resume"] and (found or (Path(c["adapter_path"]) / ADAPTER_WEIGHTS).exists()):
-        raise ValueError(f"{c['adapter_path']} already holds adapters: --resume continues, or pick another "
-                         "--adapter-path")
+        raise ValueError(
+            f"{c['adapter_path']} already holds adapters: --resume continues, or pick another --adapter-path"
+        )
 
 
 def open_base(path):
@@ -284,8 +322,10 @@ def open_base(path):
     if not config_file.is_file():
         raise ValueError(f"no model folder at {path} (no config.json)")
     if "titans" not in json.loads(config_file.read_text()):
-        raise ValueError(f"{path} is not a TitansQwen folder (config.json has no titans section): convert it with "
-                         "mlx-titans-convert-qwen first")
+        raise ValueError(
+            f"{path} is not a TitansQwen folder (config.json has no titans section): convert it with "
+            "mlx-titans-convert-qwen first"
+        )
     model, tokenizer, _ = load_titans_qwen(path)
     return model, tokenizer
 
@@ -298,8 +338,10 @@ def setup(c: dict) -> Run:
     titans = model.titans
     c["sample_length"] = c["sample_length"] or 16 * titans.window
     if c["sample_length"] <= titans.window + titans.sink_tokens:
-        raise ValueError(f"--sample-length {c['sample_length']} is not longer than the window ({titans.window} "
-                         f"tokens and {titans.sink_tokens} sinks): the memory would have nothing to carry")
+        raise ValueError(
+            f"--sample-length {c['sample_length']} is not longer than the window ({titans.window} "
+            f"tokens and {titans.sink_tokens} sinks): the memory would have nothing to carry"
+        )
     if c["lora_layers"] > len(model.layers):
         raise ValueError(f"--lora-layers {c['lora_layers']} is more than the model's {len(model.layers)} layers")
     out, cache_dir = Path(c["adapter_path"]), cache_root() / "tokens"
@@ -310,16 +352,18 @@ def setup(c: dict) -> Run:
         streams = text_streams(c["data"], tokenizer, cache_dir)
     for split, stream in streams.items():
         if len(stream) <= c["sample_length"] + 1:
-            raise ValueError(f"the {split} documents hold {len(stream)} tokens, too few for one sample of "
-                             f"{c['sample_length']}")
+            raise ValueError(
+                f"the {split} documents hold {len(stream)} tokens, too few for one sample of {c['sample_length']}"
+            )
     teacher = load_teacher(c["model"], model) if c["teacher"] == "full" else None
     mx.random.seed(c["seed"])  # LoRA's random initialization: the same on every process, and in every run
     make_trainable(model, c["lora_layers"], c["lora_rank"], c["lora_scale"])
     haystacks = {split: make_haystack(stream, tokenizer) for split, stream in streams.items()}
     valid = validation_batches(c, streams["valid"], haystacks["valid"], tokenizer)
     rng = np.random.default_rng(c["seed"])
-    optimizer = optim.AdamW(lr_schedule({**c, "steps": c["iters"]}), betas=c["betas"],
-                            weight_decay=c["weight_decay"], bias_correction=True)
+    optimizer = optim.AdamW(
+        lr_schedule({**c, "steps": c["iters"]}), betas=c["betas"], weight_decay=c["weight_decay"], bias_correction=True
+    )
     step = 0
     if c["resume"]:
         checkpoint = checkpoints(out)[-1]
@@ -353,16 +397,23 @@ def train_step(run: Run, batch) -> tuple:
 
 def save_checkpoint(run: Run, step: int) -> Path:
     """ADAPTERS/step-NNNNNNNN/: the adapters and the trainer's state (mlx_titans.train's checkpoint layout)."""
-    return write_checkpoint(Path(run.config["adapter_path"]), step, lambda folder: write_adapters(folder, run),
-                            run.optimizer, run.rng, run.config)
+    return write_checkpoint(
+        Path(run.config["adapter_path"]),
+        step,
+        lambda folder: write_adapters(folder, run),
+        run.optimizer,
+        run.rng,
+        run.config,
+    )
 
 
 def write_adapters(folder: Path, run: Run) -> None:
     """adapters.safetensors and adapter_config.json, each written whole or not at all."""
     c = run.config
     save_safetensors_atomic(folder / ADAPTER_WEIGHTS, adapter_weights(run.model), {"format": "mlx"})
-    write_json_atomic(folder / ADAPTER_CONFIG, adapter_config(run.model, c["lora_layers"], c["lora_rank"],
-                                                               c["lora_scale"], c))
+    write_json_atomic(
+        folder / ADAPTER_CONFIG, adapter_config(run.model, c["lora_layers"], c["lora_rank"], c["lora_scale"], c)
+    )
 
 
 def adapt(config: dict) -> dict:
@@ -372,18 +423,32 @@ def adapt(config: dict) -> dict:
     c, model, group = run.config, run.model, run.group
     tokens_per_step = c["batch_size"] * c["sample_length"]
     mx.reset_peak_memory()
-    done = step_loop(run.step, c["iters"],
-                     lambda: train_step(run, draw_batch(c, run.streams["train"], run.haystack, run.tokenizer, run.rng)),
-                     lambda: evaluate(model, run.valid, group), lambda step: save_checkpoint(run, step),
-                     (c["steps_per_report"], c["steps_per_eval"], c["save_every"]), tokens_per_step,
-                     [model.state, run.optimizer.state], run.optimizer, group.rank(),
-                     Path(c["adapter_path"]) / "log.jsonl")
+    done = step_loop(
+        run.step,
+        c["iters"],
+        lambda: train_step(run, draw_batch(c, run.streams["train"], run.haystack, run.tokenizer, run.rng)),
+        lambda: evaluate(model, run.valid, group),
+        lambda step: save_checkpoint(run, step),
+        (c["steps_per_report"], c["steps_per_eval"], c["save_every"]),
+        tokens_per_step,
+        [model.state, run.optimizer.state],
+        run.optimizer,
+        group.rank(),
+        Path(c["adapter_path"]) / "log.jsonl",
+    )
     step = max(run.step, c["iters"])
-    summary = {"step": step, "train_loss": done["train_loss"], **done["valid"], "tokens": step * tokens_per_step,
-               "tokens_per_s": done["tokens_per_s"], "train_seconds": done["train_seconds"],
-               "peak_memory_gb": mx.get_peak_memory() / 1e9,
-               "trainable_parameters": sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
-               "processes": group.size(), "ranks_in_sync": ranks_in_sync(model, group)}
+    summary = {
+        "step": step,
+        "train_loss": done["train_loss"],
+        **done["valid"],
+        "tokens": step * tokens_per_step,
+        "tokens_per_s": done["tokens_per_s"],
+        "train_seconds": done["train_seconds"],
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        "trainable_parameters": sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
+        "processes": group.size(),
+        "ranks_in_sync": ranks_in_sync(model, group),
+    }
     if group.rank() == 0:
         write_adapters(Path(c["adapter_path"]), run)
         write_json_atomic(Path(c["adapter_path"]) / "summary.json", summary)
@@ -400,8 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, default=None, help=help if "action" in kw else f"{help} (default: {default})", **kw)
 
     add("--model", "a TitansQwen folder (mlx-titans-convert-qwen's output), a 4-bit base included")
-    add("--data", "a folder of .txt documents (train/ and valid/ subfolders, else every 10th is held out), or of "
-        "mlx-lm's train.jsonl and valid.jsonl, each {\"text\": ...} row a document")
+    add(
+        "--data",
+        "a folder of .txt documents (train/ and valid/ subfolders, else every 10th is held out), or of "
+        'mlx-lm\'s train.jsonl and valid.jsonl, each {"text": ...} row a document',
+    )
     add("--adapter-path", "output folder: adapters.safetensors, adapter_config.json, step-N/ checkpoints, log.jsonl")
     add("--resume", "continue from the newest checkpoint in --adapter-path", action="store_true")
     add("--sample-length", "tokens per training sample (default: 16 x the window)", type=int)
@@ -418,8 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lora-layers", "LoRA on the base's linears of the last N layers (0: none)", type=int)
     add("--lora-rank", "LoRA rank", type=int)
     add("--lora-scale", "LoRA scale", type=float)
-    p.add_argument("--no-grad-checkpoint", dest="grad_checkpoint", action="store_false", default=None,
-                   help="keep every segment's activations for the backward pass (more memory, less compute)")
+    p.add_argument(
+        "--no-grad-checkpoint",
+        dest="grad_checkpoint",
+        action="store_false",
+        default=None,
+        help="keep every segment's activations for the backward pass (more memory, less compute)",
+    )
     add("--seed", "seeds the data order and LoRA's initialization", type=int)
     add("--steps-per-report", "steps between progress updates", type=int)
     add("--steps-per-eval", "steps between held-out evaluations (and at the end)", type=int)

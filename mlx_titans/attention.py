@@ -35,8 +35,9 @@ def _append(old, new):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, mode: str, span: int = 0, persistent_tokens: int = 0,
-                 rope_theta: float = 10000.0):
+    def __init__(
+        self, dim: int, heads: int, mode: str, span: int = 0, persistent_tokens: int = 0, rope_theta: float = 10000.0
+    ):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"attention mode must be one of {MODES}, got {mode!r}")
@@ -84,8 +85,11 @@ class Attention(nn.Module):
             parts_v.insert(0, self._heads(self.v_proj(p)))
             parts_mask.insert(0, mx.ones((n, self.persistent.shape[0]), dtype=mx.bool_))
         out = mx.fast.scaled_dot_product_attention(
-            q, mx.concatenate(parts_k, axis=2), mx.concatenate(parts_v, axis=2),
-            scale=self.head_dim ** -0.5, mask=mx.concatenate(parts_mask, axis=1),
+            q,
+            mx.concatenate(parts_k, axis=2),
+            mx.concatenate(parts_v, axis=2),
+            scale=self.head_dim**-0.5,
+            mask=mx.concatenate(parts_mask, axis=1),
         )
         end = offset + n
         drop = max(0, first_visible(end, self.mode, self.span) - cache.start)

@@ -42,10 +42,15 @@ class LayerCache(AttentionCache):
 
     @property
     def state(self):
-        memories = {name: None if getattr(self, name) is None else getattr(self, name).to_tree()
-                    for name in self.MEMORIES}
-        return {**{name: getattr(self, name) for name in self.ARRAYS}, **memories, "start": self.start,
-                "offset": self.offset}
+        memories = {
+            name: None if getattr(self, name) is None else getattr(self, name).to_tree() for name in self.MEMORIES
+        }
+        return {
+            **{name: getattr(self, name) for name in self.ARRAYS},
+            **memories,
+            "start": self.start,
+            "offset": self.offset,
+        }
 
     @state.setter
     def state(self, v):
@@ -88,8 +93,18 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, variant: str, dim: int, heads: int, mlp_dim: int, window: int, persistent_tokens: int,
-                 memory: MemoryConfig = None, rope_theta: float = 10000.0, norm_eps: float = 1e-5):
+    def __init__(
+        self,
+        variant: str,
+        dim: int,
+        heads: int,
+        mlp_dim: int,
+        window: int,
+        persistent_tokens: int,
+        memory: MemoryConfig = None,
+        rope_theta: float = 10000.0,
+        norm_eps: float = 1e-5,
+    ):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -141,8 +156,9 @@ class Block(nn.Module):
         else:
             if cache.memory_at_segment_start is None:
                 cache.memory = cache.memory_at_segment_start = self.memory.initial_state(x.shape[0])
-            read_before, cache.retrieve_conv = self.memory.retrieve(self.memory_norm(x), cache.memory_at_segment_start,
-                                                                    cache.retrieve_conv)
+            read_before, cache.retrieve_conv = self.memory.retrieve(
+                self.memory_norm(x), cache.memory_at_segment_start, cache.retrieve_conv
+            )
             y = self.attn(h, cache, offset, extra=read_before)
             read_after, cache.memory = self.memory(y, cache.memory)
             y = y * mx.sigmoid(read_after)

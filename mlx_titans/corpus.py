@@ -30,8 +30,14 @@ from mlx_titans.files import atomic_folder
 from mlx_titans.text_needles import TASKS, make_haystack, training_row
 from mlx_titans.tokenizer import EOS, save_tokenizer, train_tokenizer
 
-PRESET = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-          "head_dim": 64, "intermediate_size": 768}
+PRESET = {
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "intermediate_size": 768,
+}
 
 
 def text_files(folder) -> list:
@@ -45,8 +51,14 @@ def write_tokenizer(folder, files, vocab_size: int) -> None:
     """A byte-level BPE trained on `files`, as a Hugging Face tokenizer folder (tokenizer.json, tokenizer_config.json)
     that mlx_lm.utils.load_tokenizer and transformers.AutoTokenizer read; <|endoftext|> is its eos."""
     tokenizer = train_tokenizer(files, vocab_size)
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": EOS, "bos_token": None,
-              "clean_up_tokenization_spaces": False, "model_max_length": 1 << 20}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": EOS,
+        "pad_token": EOS,
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1 << 20,
+    }
     with atomic_folder(folder) as tmp:
         save_tokenizer(tokenizer, tmp / "tokenizer.json")
         (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
@@ -61,10 +73,20 @@ def model_config(vocab_size: int, eos_token_id: int, **sizes) -> dict:
     unknown = set(sizes) - set(PRESET)
     if unknown:
         raise ValueError(f"unknown model sizes {sorted(unknown)}; choose from {', '.join(PRESET)}")
-    return {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], **PRESET, **sizes, "vocab_size": vocab_size,
-            "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "rope_theta": 10000.0,
-            "max_position_embeddings": 32768, "eos_token_id": eos_token_id, "bos_token_id": None,
-            "torch_dtype": "float32"}
+    return {
+        "model_type": "qwen3",
+        "architectures": ["Qwen3ForCausalLM"],
+        **PRESET,
+        **sizes,
+        "vocab_size": vocab_size,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 32768,
+        "eos_token_id": eos_token_id,
+        "bos_token_id": None,
+        "torch_dtype": "float32",
+    }
 
 
 def write_random_model(folder, tokenizer_folder, seed: int = 0, **sizes) -> dict:
@@ -123,8 +145,9 @@ def needle_text(task: str, tokenizer, haystack, seq_len: int, rng) -> str:
         length -= excess
 
 
-def write_rows(path, tokenizer, files, tokens: int, seq_len: int, needle_fraction: float, rng, desc: str,
-               tasks=TASKS) -> dict:
+def write_rows(
+    path, tokenizer, files, tokens: int, seq_len: int, needle_fraction: float, rng, desc: str, tasks=TASKS
+) -> dict:
     """`tokens // seq_len` rows of about seq_len tokens into a jsonl file: book windows of `files` in a shuffled order
     (another shuffle each time the windows run out) and, with probability needle_fraction each, text needle rows whose
     haystack is the same text, their task drawn uniformly from `tasks`. Returns {"rows", "needle_rows",
@@ -147,8 +170,18 @@ def write_rows(path, tokenizer, files, tokens: int, seq_len: int, needle_fractio
     return {"rows": rows, "needle_rows": int(is_needle.sum()), "book_windows": len(windows)}
 
 
-def write_data(folder, tokenizer, train_dir, valid_dir, seq_len: int, tokens: int, valid_tokens: int,
-               needle_fraction: float, seed: int, tasks=TASKS) -> dict:
+def write_data(
+    folder,
+    tokenizer,
+    train_dir,
+    valid_dir,
+    seq_len: int,
+    tokens: int,
+    valid_tokens: int,
+    needle_fraction: float,
+    seed: int,
+    tasks=TASKS,
+) -> dict:
     """train.jsonl (`tokens` tokens of train_dir) and valid.jsonl (`valid_tokens` of valid_dir) in mlx-lm's text
     format, deterministic by seed. Returns a summary of both, also written as summary.json."""
     if not 0 <= needle_fraction <= 1:
@@ -156,10 +189,28 @@ def write_data(folder, tokenizer, train_dir, valid_dir, seq_len: int, tokens: in
     train_rng, valid_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     with atomic_folder(folder) as tmp:
         summary = {
-            "train": write_rows(tmp / "train.jsonl", tokenizer, text_files(train_dir), tokens, seq_len,
-                                needle_fraction, train_rng, "train.jsonl", tasks),
-            "valid": write_rows(tmp / "valid.jsonl", tokenizer, text_files(valid_dir), valid_tokens, seq_len,
-                                needle_fraction, valid_rng, "valid.jsonl", tasks),
+            "train": write_rows(
+                tmp / "train.jsonl",
+                tokenizer,
+                text_files(train_dir),
+                tokens,
+                seq_len,
+                needle_fraction,
+                train_rng,
+                "train.jsonl",
+                tasks,
+            ),
+            "valid": write_rows(
+                tmp / "valid.jsonl",
+                tokenizer,
+                text_files(valid_dir),
+                valid_tokens,
+                seq_len,
+                needle_fraction,
+                valid_rng,
+                "valid.jsonl",
+                tasks,
+            ),
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

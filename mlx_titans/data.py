@@ -31,8 +31,9 @@ def split_files(folder) -> dict:
         splits = {split: [folder / f"{split}.jsonl"] for split in ("train", "valid")}
         for split, (file,) in splits.items():
             if not file.is_file():
-                raise ValueError(f"data folder {folder} has no {split}.jsonl (mlx-lm's layout needs train.jsonl and "
-                                 "valid.jsonl)")
+                raise ValueError(
+                    f"data folder {folder} has no {split}.jsonl (mlx-lm's layout needs train.jsonl and valid.jsonl)"
+                )
     else:
         files = sorted(folder.rglob("*.txt"))
         if not files:
@@ -69,14 +70,22 @@ def documents(file) -> list:
 def token_stream(files, tokenizer, cache_dir, name: str) -> np.ndarray:
     """The files' documents encoded and joined, each followed by EOS; cached as a .npy keyed by the tokenizer and the
     files' paths, sizes and modification times."""
-    key = fingerprint({"tokenizer": tokenizer.to_str(),
-                       "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]})
+    key = fingerprint(
+        {
+            "tokenizer": tokenizer.to_str(),
+            "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        }
+    )
     path = Path(cache_dir) / f"tokens-{name}-{key}.npy"
     if not path.exists():
         dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
         eos = np.array([tokenizer.token_to_id(EOS)], dtype=dtype)
-        parts = [part for f in files for text in documents(f)
-                 for part in (np.array(tokenizer.encode(text).ids, dtype=dtype), eos)]
+        parts = [
+            part
+            for f in files
+            for text in documents(f)
+            for part in (np.array(tokenizer.encode(text).ids, dtype=dtype), eos)
+        ]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
         np.save(tmp, np.concatenate(parts))
@@ -100,8 +109,9 @@ def valid_windows(tokens, batch: int, length: int, max_batches: int) -> list:
     windows = (len(tokens) - 1) // length
     n = min(windows // batch, max_batches)
     if n == 0:
-        raise ValueError(f"the validation stream has {len(tokens)} tokens, fewer than one batch of "
-                         f"{batch} x {length + 1}")
+        raise ValueError(
+            f"the validation stream has {len(tokens)} tokens, fewer than one batch of {batch} x {length + 1}"
+        )
     starts = np.arange(n * batch).reshape(n, batch) * (windows // (n * batch)) * length
     return [_as_batch(np.stack([tokens[s : s + length + 1] for s in row])) for row in starts]
 
@@ -132,8 +142,9 @@ def mixed_batch(task, batch, length, rng, vocab, tokens, needle_fraction=0.5):
     if not 0 <= needle_fraction <= 1:
         raise ValueError(f"needle_fraction must be in [0, 1], got {needle_fraction}")
     if vocab < FIRST_SYMBOL + text_vocab(str(tokens)):
-        raise ValueError(f"vocab {vocab} is too small for {tokens}: its ids need {FIRST_SYMBOL} + "
-                         f"{text_vocab(str(tokens))}")
+        raise ValueError(
+            f"vocab {vocab} is too small for {tokens}: its ids need {FIRST_SYMBOL} + {text_vocab(str(tokens))}"
+        )
     stream, tasks = load_tokens(str(tokens)), task.split(",")
     needles = round(batch * needle_fraction)
     rows = [needle_row(tasks[rng.integers(len(tasks))], length, rng, vocab, stream) for _ in range(needles)]

@@ -107,8 +107,9 @@ def load_safetensors_checked(path, file_format: str, what: str, format_key: str 
         raise ValueError(f"{path} is not a readable safetensors file ({str(e).strip().splitlines()[0]})") from None
     found = metadata.get(format_key, "")
     if found.split("/")[0] == file_format.split("/")[0] and found != file_format:
-        raise ValueError(f"{path} is a {what} file of another mlx-titans version (format {found}; this one reads "
-                         f"{file_format})")
+        raise ValueError(
+            f"{path} is a {what} file of another mlx-titans version (format {found}; this one reads {file_format})"
+        )
     if found != file_format:
         raise ValueError(f"{path} is not a {what} file")
     return arrays, metadata

@@ -40,8 +40,12 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--ignore-chat-template", action="store_true")
-    p.add_argument("--verbose", type=lambda s: s.lower() not in ("false", "0", "no"), default=True,
-                   help="print the text as it comes and the stats block (True/False)")
+    p.add_argument(
+        "--verbose",
+        type=lambda s: s.lower() not in ("false", "0", "no"),
+        default=True,
+        help="print the text as it comes and the stats block (True/False)",
+    )
     p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, help="refuse longer contexts")
     p.add_argument("--window", type=int, default=None, help="attention window (TitansQwen)")
     p.add_argument("--adapter-path", default=None, help="memory adapters trained by mlx_titans.adapt (TitansQwen)")
@@ -126,7 +130,7 @@ class QwenRunner:
         tok = self.tokenizer
         if args.ignore_chat_template or tok.chat_template is None:
             return tok.encode(text)
-        messages = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else [])
+        messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
         messages.append({"role": "user", "content": text})
         return tok.apply_chat_template(messages, add_generation_prompt=True)
 
@@ -187,8 +191,9 @@ def run(args) -> int:
     sampler = make_sampler(args.temp, args.top_p)
     out, prompt_time = [], None
     stream = runner.detokenizer() if args.verbose else None
-    steps = generate_step(mx.array(ids[-1:]), runner.model, max_tokens=args.max_tokens, sampler=sampler,
-                          prompt_cache=cache)
+    steps = generate_step(
+        mx.array(ids[-1:]), runner.model, max_tokens=args.max_tokens, sampler=sampler, prompt_cache=cache
+    )
     if args.verbose:
         print("=" * 10)
     for n, (token, _) in enumerate(steps):

@@ -29,18 +29,42 @@ SOURCE = "titans-pytorch 0.5.5"
 TORCH_RMSNORM_EPS = float(np.finfo(np.float32).eps)  # torch's nn.RMSNorm(eps=None) default for float32
 
 SUPPORTED = {
-    "dim", "heads", "dim_head", "chunk_size", "batch_size", "momentum", "momentum_order",
-    "default_step_transform_max_lr", "qk_rmsnorm", "per_head_learned_parameters", "pre_rmsnorm",
-    "post_rmsnorm", "mem_model_norm_add_residual", "default_model_kwargs",
-    "init_adaptive_step_bias", "init_momentum_bias", "init_decay_bias",
+    "dim",
+    "heads",
+    "dim_head",
+    "chunk_size",
+    "batch_size",
+    "momentum",
+    "momentum_order",
+    "default_step_transform_max_lr",
+    "qk_rmsnorm",
+    "per_head_learned_parameters",
+    "pre_rmsnorm",
+    "post_rmsnorm",
+    "mem_model_norm_add_residual",
+    "default_model_kwargs",
+    "init_adaptive_step_bias",
+    "init_momentum_bias",
+    "init_decay_bias",
 }
 # options whose default is the only value this port reproduces
 DEFAULTS_ONLY = {
-    "attn_pool_chunks": False, "learned_momentum_combine": False, "learned_combine_include_zeroth": False,
-    "num_kv_per_token": 1, "qkv_receives_diff_views": False, "per_parameter_lr_modulation": False,
-    "max_grad_norm": None, "use_accelerated_scan": False, "activation": None, "accept_weight_residual": False,
-    "spectral_norm_surprises": False, "gated_transition": False, "store_with_lookahead_value": False,
-    "model": None, "store_memory_loss_fn": None, "adaptive_step_transform": None,
+    "attn_pool_chunks": False,
+    "learned_momentum_combine": False,
+    "learned_combine_include_zeroth": False,
+    "num_kv_per_token": 1,
+    "qkv_receives_diff_views": False,
+    "per_parameter_lr_modulation": False,
+    "max_grad_norm": None,
+    "use_accelerated_scan": False,
+    "activation": None,
+    "accept_weight_residual": False,
+    "spectral_norm_surprises": False,
+    "gated_transition": False,
+    "store_with_lookahead_value": False,
+    "model": None,
+    "store_memory_loss_fn": None,
+    "adaptive_step_transform": None,
     "max_mem_layer_modulation": 1.0,
 }
 
@@ -49,8 +73,11 @@ def config_from_titans_pytorch(**kwargs) -> MemoryConfig:
     """The MemoryConfig equivalent to titans_pytorch.NeuralMemory(**kwargs)."""
     for key, value in kwargs.items():
         if key in DEFAULTS_ONLY and value != DEFAULTS_ONLY[key]:
-            why = " (its soft clamp inflates small gradients and gives 0/0; use MemoryConfig.max_grad_norm)" \
-                if key == "max_grad_norm" else ""
+            why = (
+                " (its soft clamp inflates small gradients and gives 0/0; use MemoryConfig.max_grad_norm)"
+                if key == "max_grad_norm"
+                else ""
+            )
             raise ValueError(f"titans-pytorch option {key}={value!r} is not supported by the converter{why}")
         if key not in SUPPORTED and key not in DEFAULTS_ONLY:
             raise ValueError(f"unknown titans-pytorch NeuralMemory option {key!r}")
@@ -96,16 +123,26 @@ def from_titans_pytorch(state_dict: dict, **kwargs) -> NeuralMemory:
     sd = {k: _to_numpy(v) for k, v in state_dict.items() if not k.startswith("memory_model.")}
     names = (["gamma"] if cfg.residual_norm else []) + [f"w{i}" for i in range(cfg.depth)]
     mapping = {f"memory_model_parameters.{i}": f"initial_weights.{n}" for i, n in enumerate(names)}
-    mapping.update({
-        "retrieve_norm.weight": "retrieve_norm.weight", "store_norm.weight": "store_norm.weight",
-        "to_queries.weight": "to_queries.weight", "to_keys.weight": "to_keys.weight",
-        "to_values.weight": "to_values.weight",
-        "to_adaptive_step.0.weight": "to_lr.weight", "to_adaptive_step.0.bias": "to_lr.bias",
-        "to_momentum.0.weight": "to_momentum.weight", "to_momentum.0.bias": "to_momentum.bias",
-        "to_decay_factor.0.weight": "to_decay.weight", "to_decay_factor.0.bias": "to_decay.bias",
-        "retrieve_gate.0.weight": "retrieve_gate.weight", "combine_heads.weight": "combine_heads.weight",
-        "q_norm.gamma": "q_norm_gamma", "k_norm.gamma": "k_norm_gamma", "multihead_rmsnorm.gamma": "post_norm_gamma",
-    })
+    mapping.update(
+        {
+            "retrieve_norm.weight": "retrieve_norm.weight",
+            "store_norm.weight": "store_norm.weight",
+            "to_queries.weight": "to_queries.weight",
+            "to_keys.weight": "to_keys.weight",
+            "to_values.weight": "to_values.weight",
+            "to_adaptive_step.0.weight": "to_lr.weight",
+            "to_adaptive_step.0.bias": "to_lr.bias",
+            "to_momentum.0.weight": "to_momentum.weight",
+            "to_momentum.0.bias": "to_momentum.bias",
+            "to_decay_factor.0.weight": "to_decay.weight",
+            "to_decay_factor.0.bias": "to_decay.bias",
+            "retrieve_gate.0.weight": "retrieve_gate.weight",
+            "combine_heads.weight": "combine_heads.weight",
+            "q_norm.gamma": "q_norm_gamma",
+            "k_norm.gamma": "k_norm_gamma",
+            "multihead_rmsnorm.gamma": "post_norm_gamma",
+        }
+    )
     unknown = sorted(set(sd) - set(mapping))
     if unknown:
         raise ValueError(f"state_dict has keys this converter does not know: {unknown}")
@@ -143,7 +180,7 @@ def load_state_dict(path, prefix=None):
             ckpt = ckpt[entry]
             break
     if prefix:
-        ckpt = {k[len(prefix):]: v for k, v in ckpt.items() if k.startswith(prefix)}
+        ckpt = {k[len(prefix) :]: v for k, v in ckpt.items() if k.startswith(prefix)}
         if not ckpt:
             raise ValueError(f"no key of {path} starts with {prefix!r}")
     not_tensors = sorted(k for k, v in ckpt.items() if not isinstance(v, torch.Tensor))
@@ -188,15 +225,19 @@ def convert(checkpoint, kwargs, out, prefix=None, force=False):
         raise ValueError(f"{out} exists and is not empty (use --force to replace it)")
     config = {"memory": mem.config.to_dict(), "source": SOURCE, "titans_pytorch_kwargs": kwargs}
     with atomic_folder(out) as tmp:
-        mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(mem.parameters())),
-                            metadata={"format": "mlx"})
+        mx.save_safetensors(
+            str(tmp / "model.safetensors"), dict(tree_flatten(mem.parameters())), metadata={"format": "mlx"}
+        )
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Convert a titans-pytorch NeuralMemory checkpoint to MLX.")
-    parser.add_argument("--checkpoint", required=True, help="torch file: a NeuralMemory state_dict, or a dict "
-                        "with a 'state_dict' or 'model' entry holding one")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="torch file: a NeuralMemory state_dict, or a dict with a 'state_dict' or 'model' entry holding one",
+    )
     kw = parser.add_mutually_exclusive_group(required=True)
     kw.add_argument("--kwargs", help="titans_pytorch.NeuralMemory constructor kwargs, as JSON")
     kw.add_argument("--kwargs-file", help="the same, from a JSON file")
@@ -204,9 +245,10 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     args = parser.parse_args(argv)
-    code = run_reporting_errors(lambda: convert(args.checkpoint, read_kwargs(args), args.out, args.prefix,
-                                                args.force), errors=(OSError, ValueError, TypeError, RuntimeError))
+    code = run_reporting_errors(
+        lambda: convert(args.checkpoint, read_kwargs(args), args.out, args.prefix, args.force),
+        errors=(OSError, ValueError, TypeError, RuntimeError),
+    )
     if code == 0:
         print(f"wrote {args.out}/model.safetensors and {args.out}/config.json")
     return code
-

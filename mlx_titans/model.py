@@ -1,8 +1,8 @@
 """TitansLM: a decoder-only language model of Titans blocks (or the baselines), with a JSON config and save/load.
 
-    model = TitansLM(TitansLMConfig(variant="mac", vocab_size=4096, dim=256, layers=4, heads=4, window=256))
-    logits = model(tokens)                              # (batch, n) -> (batch, n, vocab)
-    cache = model.make_cache(); logits = model(tokens, cache)   # streaming / cached decoding
+model = TitansLM(TitansLMConfig(variant="mac", vocab_size=4096, dim=256, layers=4, heads=4, window=256))
+logits = model(tokens)                              # (batch, n) -> (batch, n, vocab)
+cache = model.make_cache(); logits = model(tokens, cache)   # streaming / cached decoding
 """
 
 import json
@@ -62,8 +62,17 @@ class TitansLM(nn.Module):
         memory = MemoryConfig.from_dict({"dim": c.dim, **c.memory})
         self.embed_tokens = nn.Embedding(c.vocab_size, c.dim)
         self.layers = [
-            Block(c.variant, c.dim, c.heads, c.mlp_dim, c.window, c.persistent_tokens,
-                  memory if i in c.memory_layers else None, c.rope_theta, c.norm_eps)
+            Block(
+                c.variant,
+                c.dim,
+                c.heads,
+                c.mlp_dim,
+                c.window,
+                c.persistent_tokens,
+                memory if i in c.memory_layers else None,
+                c.rope_theta,
+                c.norm_eps,
+            )
             for i in range(c.layers)
         ]
         self.norm = nn.RMSNorm(c.dim, eps=c.norm_eps)

@@ -139,8 +139,11 @@ class NeuralMemory(nn.Module):
             self.to_momentum = nn.Linear(dim, h * cfg.momentum_order)
         if cfg.weight_decay:
             self.to_decay = nn.Linear(dim, h * (cfg.dim_head if cfg.channelwise_decay else 1))
-        for layer, bias in (("to_lr", cfg.init_lr_bias), ("to_momentum", cfg.init_momentum_bias),
-                            ("to_decay", cfg.init_decay_bias)):
+        for layer, bias in (
+            ("to_lr", cfg.init_lr_bias),
+            ("to_momentum", cfg.init_momentum_bias),
+            ("to_decay", cfg.init_decay_bias),
+        ):
             if bias is not None and layer in self:
                 self[layer].weight = mx.zeros_like(self[layer].weight)
                 self[layer].bias = mx.full(self[layer].bias.shape, bias)
@@ -149,8 +152,9 @@ class NeuralMemory(nn.Module):
         if h > 1 or inner != dim:
             self.combine_heads = nn.Linear(inner, dim, bias=False)
         w0 = init_memory_weights(cfg.dim_head, cfg.depth, cfg.expansion, cfg.residual_norm)
-        self.initial_weights = {n: mx.broadcast_to(w, (h, *w.shape)) * 1 for n, w in w0.items()} \
-            if cfg.per_head_init else w0
+        self.initial_weights = (
+            {n: mx.broadcast_to(w, (h, *w.shape)) * 1 for n, w in w0.items()} if cfg.per_head_init else w0
+        )
         hp = {"huber_delta": mx.array(cfg.huber_delta), "max_grad_norm": mx.array(cfg.max_grad_norm or 1.0)}
         self._hyper = hp
         self._parallel = mx.compile(partial(parallel_step, cfg))
@@ -187,11 +191,17 @@ class NeuralMemory(nn.Module):
             w = w if cfg.per_head_init else mx.broadcast_to(w, (cfg.heads, *shape))
             weights[name] = mx.broadcast_to(w[None], (batch, cfg.heads, *shape)).reshape(B, *shape)
         return MemoryState(
-            weights, {"inputs": zeros((batch, 0, cfg.dim))}, 0,
+            weights,
+            {"inputs": zeros((batch, 0, cfg.dim))},
+            0,
             momentum={n: zeros((cfg.momentum_order, *w.shape)) for n, w in weights.items()} if cfg.momentum else None,
             reference=dict(weights) if cfg.refresh_chunks != 1 else None,
-            conv={"read": zeros((batch, cfg.conv_size - 1, cfg.inner_dim)),
-                  "store": zeros((batch, cfg.conv_size - 1, 2 * cfg.inner_dim))} if cfg.conv_size else None,
+            conv={
+                "read": zeros((batch, cfg.conv_size - 1, cfg.inner_dim)),
+                "store": zeros((batch, cfg.conv_size - 1, 2 * cfg.inner_dim)),
+            }
+            if cfg.conv_size
+            else None,
         )
 
     def _check_input(self, x, state, store_mask):
@@ -212,8 +222,12 @@ class NeuralMemory(nn.Module):
         cfg = self.config
         if not isinstance(state, MemoryState):
             raise TypeError(f"memory state must be a MemoryState, got {type(state).__name__}")
-        fields = {"weights", "remainder", "position"} | ({"momentum"} if cfg.momentum else set()) \
-            | ({"reference"} if cfg.refresh_chunks != 1 else set()) | ({"conv"} if cfg.conv_size else set())
+        fields = (
+            {"weights", "remainder", "position"}
+            | ({"momentum"} if cfg.momentum else set())
+            | ({"reference"} if cfg.refresh_chunks != 1 else set())
+            | ({"conv"} if cfg.conv_size else set())
+        )
         if set(state.to_tree()) != fields:
             raise ValueError(f"memory state has fields {sorted(state.to_tree())}, expected {sorted(fields)}")
         for name, w in self.initial_weights.items():
@@ -242,8 +256,9 @@ class NeuralMemory(nn.Module):
         xr = self.retrieve_norm(rows) if cfg.pre_norm else rows
         queries, new_conv = self.to_queries(xr), None
         if cfg.conv_size:
-            queries, new_conv = _causal_conv(queries.reshape(b, n, -1), conv_cache,
-                                             self.conv_weight[:, : cfg.inner_dim])
+            queries, new_conv = _causal_conv(
+                queries.reshape(b, n, -1), conv_cache, self.conv_weight[:, : cfg.inner_dim]
+            )
             queries = queries.reshape(b * n, -1)
         if cfg.qkv_silu:
             queries = nn.silu(queries)
@@ -261,8 +276,11 @@ class NeuralMemory(nn.Module):
         xs = self.store_norm(rows) if cfg.pre_norm else rows
         keys, values, new_conv = self.to_keys(xs), self.to_values(xs), None
         if cfg.conv_size:
-            kv, new_conv = _causal_conv(mx.concatenate([keys, values], axis=-1).reshape(b, n, -1), conv_cache,
-                                        self.conv_weight[:, cfg.inner_dim :])
+            kv, new_conv = _causal_conv(
+                mx.concatenate([keys, values], axis=-1).reshape(b, n, -1),
+                conv_cache,
+                self.conv_weight[:, cfg.inner_dim :],
+            )
             keys, values = mx.split(kv.reshape(b * n, -1), 2, axis=-1)
         if cfg.qkv_silu:
             keys, values = nn.silu(keys), nn.silu(values)
@@ -274,9 +292,11 @@ class NeuralMemory(nn.Module):
             "keys": self._query_key_heads(keys, b, n, "k_norm_gamma"),
             "values": _split_heads(values, b, n, h),
             "lr": _split_heads(lr, b, n, h, ()),
-            "eta": _split_heads(self.to_momentum(xs), b, n, h) if cfg.momentum
+            "eta": _split_heads(self.to_momentum(xs), b, n, h)
+            if cfg.momentum
             else zeros((b * h, n, cfg.momentum_order)),
-            "alpha": _split_heads(self.to_decay(xs), b, n, h, alpha_shape) if cfg.weight_decay
+            "alpha": _split_heads(self.to_decay(xs), b, n, h, alpha_shape)
+            if cfg.weight_decay
             else zeros((b * h, n, *alpha_shape)),
         }
         return feats, new_conv
@@ -365,7 +385,8 @@ class NeuralMemory(nn.Module):
             y, remainder, read_conv = self._read_step(x, *self.read_step_inputs(state), store_mask)
             return y, self.state_after_read(state, remainder, read_conv, n)
         queries, gate, chunks, remainder, read_conv, store_conv = self._prepare(
-            x, rem, conv.get("read"), conv.get("store"), store_mask)
+            x, rem, conv.get("read"), conv.get("store"), store_mask
+        )
         if self.gate_log is not None:
             self.gate_log.append({name: chunks[name] for name in ("lr", "eta", "keep")})
         n_chunks = chunks["keep"].shape[1]
@@ -378,8 +399,13 @@ class NeuralMemory(nn.Module):
         start_weights, reads = weights, []
         for start, end in self._blocks(chunks_before, n_chunks):
             absolute = chunks_before + start
-            args = (*(chunks[k][:, start:end] for k in ("keys", "values", "lr")), chunks["eta"][:, :, start:end],
-                    chunks["keep"][:, start:end], middle[:, start : min(end, n_chunks - 1)], self._hyper)
+            args = (
+                *(chunks[k][:, start:end] for k in ("keys", "values", "lr")),
+                chunks["eta"][:, :, start:end],
+                chunks["keep"][:, start:end],
+                middle[:, start : min(end, n_chunks - 1)],
+                self._hyper,
+            )
             if cfg.refresh_chunks == 1:
                 weights, momentum, y = self._sequential(weights, momentum, *args)
             else:
@@ -391,8 +417,9 @@ class NeuralMemory(nn.Module):
         y = self._finish(start_weights, weights, queries, reads, gate, first, b)
 
         conv = {"read": read_conv, "store": store_conv} if cfg.conv_size else None
-        return y.astype(x.dtype), MemoryState(weights, remainder, state.position + n,
-                                              momentum if cfg.momentum else None, reference, conv)
+        return y.astype(x.dtype), MemoryState(
+            weights, remainder, state.position + n, momentum if cfg.momentum else None, reference, conv
+        )
 
     def retrieve(self, x, state: MemoryState, conv_cache=None):
         """Read the memory as it stands in `state` for every token of x, storing nothing (MAC's h = M*(q)).

@@ -25,8 +25,9 @@ def accuracy(model, task, length, samples, batch, seed, block, haystack=None) ->
     rng = np.random.default_rng(seed)
     hits = []
     for start in range(0, samples, batch):
-        inputs, targets, mask = make_batch(task, min(batch, samples - start), length, rng,
-                                           model.config.vocab_size, haystack)
+        inputs, targets, mask = make_batch(
+            task, min(batch, samples - start), length, rng, model.config.vocab_size, haystack
+        )
         first = int(mask.any(0).argmax())  # the first answer position of any sample
         logits = answer_logits(model, mx.array(inputs), first, block)
         hits.extend(answered(logits, targets[:, first:], mask[:, first:]))

@@ -54,8 +54,11 @@ def save_cache_file(path, model, cache: list) -> None:
     from mlx_lm.models.cache import save_prompt_cache
 
     description = model.description()
-    metadata = {"format": CACHE_FORMAT, "fingerprint": fingerprint(description),
-                "model": json.dumps(description, sort_keys=True)}
+    metadata = {
+        "format": CACHE_FORMAT,
+        "fingerprint": fingerprint(description),
+        "model": json.dumps(description, sort_keys=True),
+    }
     with atomic_safetensors(path) as tmp:
         save_prompt_cache(tmp, cache, metadata)
 
@@ -68,6 +71,7 @@ def load_cache_file(path, model) -> list:
     if metadata["0.fingerprint"] != fingerprint(ours):
         saved, ours = dict(tree_flatten(json.loads(metadata["0.model"]))), dict(tree_flatten(ours))
         differ = [k for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
-        raise ValueError(f"memory state {path} was saved for another model (another config: differs in "
-                         f"{', '.join(differ[:6])})")
+        raise ValueError(
+            f"memory state {path} was saved for another model (another config: differs in {', '.join(differ[:6])})"
+        )
     return caches_from(arrays, metadata)[0]

@@ -53,7 +53,7 @@ def _needle_sample(task, rng, vocab, length, haystack):
     depth = rng.integers(0, fill + 1)
     seq = np.concatenate([hay[:depth], needle, hay[depth:], question, value])
     answer = np.zeros(length + 1, bool)
-    answer[-len(value):] = True
+    answer[-len(value) :] = True
     return seq, answer
 
 
@@ -79,7 +79,9 @@ def make_batch(task: str, batch: int, length: int, rng: np.random.Generator, voc
     if vocab < MIN_VOCAB:
         raise ValueError(f"the tasks need a vocabulary of at least {MIN_VOCAB} tokens, got {vocab}")
     samples = [
-        _mqar_sample(rng, vocab, length, haystack) if task == "mqar" else _needle_sample(task, rng, vocab, length, haystack)
+        _mqar_sample(rng, vocab, length, haystack)
+        if task == "mqar"
+        else _needle_sample(task, rng, vocab, length, haystack)
         for _ in range(batch)
     ]
     seqs = np.stack([s for s, _ in samples]).astype(np.int32)

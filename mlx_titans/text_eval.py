@@ -35,8 +35,9 @@ def needle_samples(task: str, tokenizer, haystack, length: int, count: int, seed
     return [make_sample(task, tokenizer, haystack, length, float(d), rng) for d in depths]
 
 
-def greedy_continuations(model, tokenizer, samples, make_cache=make_prompt_cache, step=PREFILL_STEP,
-                         margin=MARGIN) -> list:
+def greedy_continuations(
+    model, tokenizer, samples, make_cache=make_prompt_cache, step=PREFILL_STEP, margin=MARGIN
+) -> list:
     """The greedy continuation texts of samples of one prompt length, read as one batch through a new cache:
     as many tokens as the longest answer sentence has plus `margin`, each cut at its first end-of-sequence token."""
     if len({len(s.prompt) for s in samples}) != 1:
@@ -56,8 +57,9 @@ def greedy_continuations(model, tokenizer, samples, make_cache=make_prompt_cache
     return texts
 
 
-def needle_accuracy(model, tokenizer, samples, make_cache=make_prompt_cache, batch=8, step=PREFILL_STEP,
-                    progress=None) -> float:
+def needle_accuracy(
+    model, tokenizer, samples, make_cache=make_prompt_cache, batch=8, step=PREFILL_STEP, progress=None
+) -> float:
     """The share of `samples` (one prompt length) whose greedy continuation holds every value, `batch` at a time;
     progress(n) follows each batch of n samples."""
     hits = []
@@ -97,8 +99,9 @@ def text_windows(ids, length: int, count: int) -> tuple:
     return inputs, targets
 
 
-def window_losses(model, inputs, targets, window: int, beyond_from: int, make_cache=make_prompt_cache, batch=1,
-                  step=PREFILL_STEP) -> tuple:
+def window_losses(
+    model, inputs, targets, window: int, beyond_from: int, make_cache=make_prompt_cache, batch=1, step=PREFILL_STEP
+) -> tuple:
     """Mean next-token losses (nats) of windows (count, length) of text (`text_windows`): (of the tokens at
     positions < window, where a window sees everything before them; of those at positions >= beyond_from, e.g.
     TitansQwenConfig.first_beyond_window, where it no longer does; None when there are none). Each window goes

@@ -20,9 +20,32 @@ from pathlib import Path
 import numpy as np
 
 TASKS = ("passkey", "number", "uuid", "multikey", "multivalue")
-KEY_WORDS = ("amber", "basil", "cedar", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper", "kestrel",
-             "lagoon", "maple", "nickel", "orchid", "pepper", "quartz", "raven", "saffron", "tundra", "umber",
-             "violet", "willow", "zephyr")
+KEY_WORDS = (
+    "amber",
+    "basil",
+    "cedar",
+    "delta",
+    "ember",
+    "fjord",
+    "garnet",
+    "harbor",
+    "indigo",
+    "juniper",
+    "kestrel",
+    "lagoon",
+    "maple",
+    "nickel",
+    "orchid",
+    "pepper",
+    "quartz",
+    "raven",
+    "saffron",
+    "tundra",
+    "umber",
+    "violet",
+    "willow",
+    "zephyr",
+)
 MULTI = 4  # needles of the multi-key and multi-value tasks
 
 
@@ -52,16 +75,31 @@ def needle_texts(task: str, rng) -> tuple:
     """(needle sentences, index of the asked one, question, answer sentence, values) of one sample."""
     if task == "passkey":
         v = _digits(rng, 5)
-        return [f" The pass key is {v}. Remember it. {v} is the pass key."], 0, "What is the pass key?", \
-            f" The pass key is {v}.", [v]
+        return (
+            [f" The pass key is {v}. Remember it. {v} is the pass key."],
+            0,
+            "What is the pass key?",
+            f" The pass key is {v}.",
+            [v],
+        )
     if task == "number":
         v = _digits(rng, 7)
-        return [f" The special magic number is {v}."], 0, "What is the special magic number?", \
-            f" The special magic number is {v}.", [v]
+        return (
+            [f" The special magic number is {v}."],
+            0,
+            "What is the special magic number?",
+            f" The special magic number is {v}.",
+            [v],
+        )
     if task == "uuid":
         key, v = _key(rng), _uuid(rng)
-        return [f" The special magic uuid for {key} is {v}."], 0, f"What is the special magic uuid for {key}?", \
-            f" The special magic uuid for {key} is {v}.", [v]
+        return (
+            [f" The special magic uuid for {key} is {v}."],
+            0,
+            f"What is the special magic uuid for {key}?",
+            f" The special magic uuid for {key} is {v}.",
+            [v],
+        )
     if task == "multikey":
         keys, values = [], [_digits(rng, 7) for _ in range(MULTI)]
         while len(keys) < MULTI:
@@ -69,13 +107,23 @@ def needle_texts(task: str, rng) -> tuple:
             keys += [key] if key not in keys else []
         asked = int(rng.integers(MULTI))
         needles = [f" The special magic number for {k} is {v}." for k, v in zip(keys, values)]
-        return needles, asked, f"What is the special magic number for {keys[asked]}?", \
-            f" The special magic number for {keys[asked]} is {values[asked]}.", [values[asked]]
+        return (
+            needles,
+            asked,
+            f"What is the special magic number for {keys[asked]}?",
+            f" The special magic number for {keys[asked]} is {values[asked]}.",
+            [values[asked]],
+        )
     if task == "multivalue":
         key, values = _key(rng), [_digits(rng, 7) for _ in range(MULTI)]
         needles = [f" One of the special magic numbers for {key} is {v}." for v in values]
-        return needles, 0, f"What are all the special magic numbers for {key}?", \
-            f" The special magic numbers for {key} are {', '.join(values)}.", values
+        return (
+            needles,
+            0,
+            f"What are all the special magic numbers for {key}?",
+            f" The special magic numbers for {key} are {', '.join(values)}.",
+            values,
+        )
     raise ValueError(f"unknown text needle task {task!r}; choose from {', '.join(TASKS)}")
 
 
@@ -141,8 +189,9 @@ def _assemble(texts, task, tokenizer, haystack: Haystack, length, depth, rng) ->
     question_ids = _encode(tokenizer, "\n\n" + question)
     fill = length - sum(map(len, needle_ids)) - len(question_ids)
     if fill < 1:
-        raise ValueError(f"length {length} is too short for a {task} sample ({length - fill} tokens of needle and "
-                         "question)")
+        raise ValueError(
+            f"length {length} is too short for a {task} sample ({length - fill} tokens of needle and question)"
+        )
     if len(haystack.ids) <= fill:
         raise ValueError(f"the haystack has {len(haystack.ids)} tokens; a sample of {length} needs over {fill}")
     start = int(rng.integers(0, len(haystack.ids) - fill))

@@ -40,13 +40,31 @@ from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 MODEL_KEYS = ("variant", "dim", "layers", "heads", "mlp_dim", "window", "persistent_tokens", "memory", "memory_layers")
 DEFAULTS = {
-    "data": None, "tokenizer": None, "vocab_size": None, "cache_dir": None,
-    "task": None, "task_source": "mlx_titans.tasks:make_batch", "task_kwargs": {},
-    "steps": 1000, "batch_size": 8, "seq_len": 512,
-    "lr": 4e-4, "min_lr_ratio": 0.1, "warmup": 100, "betas": [0.9, 0.95], "weight_decay": 0.1, "grad_clip": 1.0,
-    "dtype": "float32", "seed": 0,
-    "out": None, "resume": None, "log_every": 10, "eval_every": 200, "eval_batches": 16,
-    "checkpoint_every": 500, "keep_checkpoints": 2,
+    "data": None,
+    "tokenizer": None,
+    "vocab_size": None,
+    "cache_dir": None,
+    "task": None,
+    "task_source": "mlx_titans.tasks:make_batch",
+    "task_kwargs": {},
+    "steps": 1000,
+    "batch_size": 8,
+    "seq_len": 512,
+    "lr": 4e-4,
+    "min_lr_ratio": 0.1,
+    "warmup": 100,
+    "betas": [0.9, 0.95],
+    "weight_decay": 0.1,
+    "grad_clip": 1.0,
+    "dtype": "float32",
+    "seed": 0,
+    "out": None,
+    "resume": None,
+    "log_every": 10,
+    "eval_every": 200,
+    "eval_batches": 16,
+    "checkpoint_every": 500,
+    "keep_checkpoints": 2,
 }
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 VALID_SEED = [0x7A11D, 0]  # synthetic tasks: one fixed validation set for every run and seed
@@ -60,9 +78,12 @@ def json_arg(text):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mlx_titans.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_titans.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
 
     def add(flag, help, default=None, **kw):
         dest = flag[2:].replace("-", "_")
@@ -77,17 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mlp-dim", "feed-forward width (default: 8/3 dim, rounded up to a multiple of 32)", type=int)
     add("--window", "sliding-window size (mag, mal, swa) or segment length (mac)", type=int)
     add("--persistent-tokens", "learned persistent memory tokens", type=int)
-    add("--memory", "MemoryConfig options as JSON, e.g. '{\"chunk_size\": 16, \"conv_size\": 4}'",
-        default="{}", type=json_arg)
+    add(
+        "--memory",
+        'MemoryConfig options as JSON, e.g. \'{"chunk_size": 16, "conv_size": 4}\'',
+        default="{}",
+        type=json_arg,
+    )
     add("--memory-layers", "JSON list of the layers with a memory", default="all", type=json_arg)
     add("--data", "text folder: train/ and valid/ subfolders of .txt files, or .txt files split by file")
     add("--tokenizer", "tokenizer.json to use with --data")
-    add("--vocab-size", "with --data: train a byte-level BPE of this size into OUT/tokenizer.json; "
-        "with --task: the task's vocabulary", type=int)
+    add(
+        "--vocab-size",
+        "with --data: train a byte-level BPE of this size into OUT/tokenizer.json; with --task: the task's vocabulary",
+        type=int,
+    )
     add("--cache-dir", "where the encoded token streams are cached as .npy", default="OUT")
     add("--task", "synthetic task instead of --data, e.g. passkey or mqar (a name for the task source)")
-    add("--task-source", "module:function(task, batch, length, rng, vocab, **task_kwargs) -> "
-        "(inputs, targets, loss_mask)")
+    add(
+        "--task-source",
+        "module:function(task, batch, length, rng, vocab, **task_kwargs) -> (inputs, targets, loss_mask)",
+    )
     add("--task-kwargs", "JSON object of extra keyword arguments for the task source", type=json_arg)
     add("--steps", "total optimizer steps", type=int)
     add("--batch-size", "sequences per step, over all processes", type=int)
@@ -100,8 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--grad-clip", "clip the global gradient norm to this", type=float)
     add("--dtype", "compute dtype: float32, or bfloat16 as mixed precision")
     add("--seed", "seeds the initial weights and the data order", type=int)
-    add("--out", "run folder: checkpoints step-NNNNNNNN/, log.jsonl, tokenizer.json, summary.json (printed too, at "
-        "the end); on --resume, the resumed run's")
+    add(
+        "--out",
+        "run folder: checkpoints step-NNNNNNNN/, log.jsonl, tokenizer.json, summary.json (printed too, at "
+        "the end); on --resume, the resumed run's",
+    )
     add("--resume", "continue from a checkpoint folder or the newest checkpoint in a run folder")
     add("--log-every", "steps between progress updates (the only host syncs on the hot path)", type=int)
     add("--eval-every", "steps between held-out evaluations (and at the end)", type=int)
@@ -179,8 +212,16 @@ def check_config(c: dict, world_size: int) -> None:
     model_config(c, vocab_size=1)  # fails early on a bad variant or memory option
     if c["dtype"] not in DTYPES:
         raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {c['dtype']!r}")
-    for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches", "checkpoint_every",
-                "keep_checkpoints"):
+    for key in (
+        "steps",
+        "batch_size",
+        "seq_len",
+        "log_every",
+        "eval_every",
+        "eval_batches",
+        "checkpoint_every",
+        "keep_checkpoints",
+    ):
         if c[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {c[key]}")
     if c["batch_size"] % world_size:
@@ -344,13 +385,29 @@ def read_checkpoint(checkpoint: Path, optimizer, rng) -> int:
 
 def save_checkpoint(run: Run, step: int) -> Path:
     """out/step-NNNNNNNN/: the model folder (config.json, model.safetensors, tokenizer.json) and the trainer's state."""
-    return write_checkpoint(Path(run.config["out"]), step, lambda folder: save_model(folder, run.model,
-                                                                                    run.tokenizer_file),
-                            run.optimizer, run.rng, run.config)
+    return write_checkpoint(
+        Path(run.config["out"]),
+        step,
+        lambda folder: save_model(folder, run.model, run.tokenizer_file),
+        run.optimizer,
+        run.rng,
+        run.config,
+    )
 
 
-def step_loop(start: int, steps: int, one_step, evaluate, save, every: tuple, tokens_per_step: int, state,
-              optimizer, rank: int, log_path) -> dict:
+def step_loop(
+    start: int,
+    steps: int,
+    one_step,
+    evaluate,
+    save,
+    every: tuple,
+    tokens_per_step: int,
+    state,
+    optimizer,
+    rank: int,
+    log_path,
+) -> dict:
     """The loop mlx_titans.train and mlx_titans.adapt share: one_step() -> (loss, grad norm) arrays of an optimizer
     step, evaluated with `state` (the model's and optimizer's); every = (report, evaluate, save) periods in steps, the
     last step doing all three. Reports go to a progress bar (loss, tok/s) and, on rank 0, to log.jsonl; evaluate()
@@ -373,17 +430,26 @@ def step_loop(start: int, steps: int, one_step, evaluate, save, every: tuple, to
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"the training loss is {train_loss} at step {step}")
             tokens_per_s = window_steps * tokens_per_step / window_time
-            records.append({"step": step, "loss": train_loss, "grad_norm": grad_norm.item(),
-                            "lr": optimizer.learning_rate.item(), "tokens_per_s": tokens_per_s,
-                            "peak_memory_gb": mx.get_peak_memory() / 1e9})
+            records.append(
+                {
+                    "step": step,
+                    "loss": train_loss,
+                    "grad_norm": grad_norm.item(),
+                    "lr": optimizer.learning_rate.item(),
+                    "tokens_per_s": tokens_per_s,
+                    "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                }
+            )
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             train_time, losses, window_steps, window_time = train_time + window_time, mx.array(0.0), 0, 0.0
         if step % eval_every == 0 or last:
             valid = evaluate()
             records.append({"step": step, **valid})
             if rank == 0:
-                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in valid.items() if v is not None),
-                          file=sys.stderr)
+                bar.write(
+                    f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in valid.items() if v is not None),
+                    file=sys.stderr,
+                )
         if rank == 0:
             if step % save_every == 0 or last:
                 checkpoint = str(save(step))
@@ -391,8 +457,13 @@ def step_loop(start: int, steps: int, one_step, evaluate, save, every: tuple, to
                 log.writelines(json.dumps(r) + "\n" for r in records)
         bar.update()
     bar.close()
-    return {"train_loss": train_loss, "valid": valid, "train_seconds": train_time, "checkpoint": checkpoint,
-            "tokens_per_s": (step - start) * tokens_per_step / train_time if train_time else None}
+    return {
+        "train_loss": train_loss,
+        "valid": valid,
+        "train_seconds": train_time,
+        "checkpoint": checkpoint,
+        "tokens_per_s": (step - start) * tokens_per_step / train_time if train_time else None,
+    }
 
 
 def train_steps(run: Run) -> dict:
@@ -406,10 +477,19 @@ def train_steps(run: Run) -> dict:
         return {"valid_loss": loss, "valid_ppl": math.exp(loss)}
 
     tokens_per_step = c["batch_size"] * c["seq_len"]
-    done = step_loop(run.step, c["steps"], lambda: step_fn(*to_device(shard(run.sample_batch(), rank, size))),
-                     held_out, lambda step: save_checkpoint(run, step),
-                     (c["log_every"], c["eval_every"], c["checkpoint_every"]), tokens_per_step,
-                     [model.state, optimizer.state], optimizer, rank, Path(c["out"]) / "log.jsonl")
+    done = step_loop(
+        run.step,
+        c["steps"],
+        lambda: step_fn(*to_device(shard(run.sample_batch(), rank, size))),
+        held_out,
+        lambda step: save_checkpoint(run, step),
+        (c["log_every"], c["eval_every"], c["checkpoint_every"]),
+        tokens_per_step,
+        [model.state, optimizer.state],
+        optimizer,
+        rank,
+        Path(c["out"]) / "log.jsonl",
+    )
     step = max(run.step, c["steps"])
     return {
         "step": step,

@@ -21,6 +21,9 @@ def hf(tmp_path_factory):
     """Tiny HF checkpoints: qwen2 with lm_head and q/k/v bias, qwen3 with tied embeddings and q/k norms; and
     "mlx-4bit": what stock mlx_lm.convert -q makes of the qwen2 one."""
     root = tmp_path_factory.mktemp("hf")
-    dirs = {"qwen2": make_tiny_qwen(root / "qwen2", "qwen2"), "qwen3": make_tiny_qwen(root / "qwen3", "qwen3", tie=True)}
+    dirs = {
+        "qwen2": make_tiny_qwen(root / "qwen2", "qwen2"),
+        "qwen3": make_tiny_qwen(root / "qwen3", "qwen3", tie=True),
+    }
     mlx_convert(str(dirs["qwen2"]), str(root / "mlx-4bit"), quantize=True)
     return {**dirs, "mlx-4bit": root / "mlx-4bit"}

@@ -32,11 +32,14 @@ def oracle_forward(mem, x, store_mask=None):
                 sl = slice(j * c, (j + 1) * c)
                 pooled = xs[bi, sl].mean(0)
                 grad_at = W if refresh == 1 else ref
-                g = mx.grad(memory_loss)(grad_at, k[bi, sl, hi], v[bi, sl, hi], lr[bi, sl, hi], cfg.loss,
-                                         cfg.huber_delta)
+                g = mx.grad(memory_loss)(
+                    grad_at, k[bi, sl, hi], v[bi, sl, hi], lr[bi, sl, hi], cfg.loss, cfg.huber_delta
+                )
                 if cfg.max_grad_norm is not None:
-                    g = {name: t * min(1.0, cfg.max_grad_norm / max(mx.sqrt((t * t).sum()).item(), 1e-30))
-                         for name, t in g.items()}
+                    g = {
+                        name: t * min(1.0, cfg.max_grad_norm / max(mx.sqrt((t * t).sum()).item(), 1e-30))
+                        for name, t in g.items()
+                    }
                 u = {name: -t for name, t in g.items()}
                 if cfg.momentum:
                     eta = mx.sigmoid(mem.to_momentum(pooled)).reshape(h, order)[hi]

@@ -21,8 +21,13 @@ from mlx_titans.qwen.random_model import make_tiny_qwen
 from mlx_titans.tokenizer import EOS
 from test_train import REPO, free_port, mlx_launch
 
-SMALL = {"memory_layers": [0, 1], "window": 16, "sink_tokens": 4, "segment_size": 16,
-         "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8}}
+SMALL = {
+    "memory_layers": [0, 1],
+    "window": 16,
+    "sink_tokens": 4,
+    "segment_size": 16,
+    "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8},
+}
 WORDS = ["green", "quiet", "distant", "small", "red", "old", "bright", "heavy"]
 
 
@@ -36,8 +41,10 @@ def base(tmp_path_factory):
     for split, n in (("train", 6), ("valid", 2)):
         (root / "docs" / split).mkdir(parents=True)
         for i in range(n):
-            text = " ".join(f"The {rng.choice(WORDS)} fox number {rng.integers(100)} ran. Was it {rng.choice(WORDS)}?"
-                            for _ in range(120))
+            text = " ".join(
+                f"The {rng.choice(WORDS)} fox number {rng.integers(100)} ran. Was it {rng.choice(WORDS)}?"
+                for _ in range(120)
+            )
             (root / "docs" / split / f"{i}.txt").write_text(text)
     return root
 
@@ -48,10 +55,32 @@ def token_cache(tmp_path, monkeypatch):
 
 
 def flags(base, out, *extra):
-    return ["--model", str(base / "titans"), "--data", str(base / "docs"), "--adapter-path", str(out),
-            "--sample-length", "128", "--batch-size", "2", "--iters", "4", "--steps-per-report", "2",
-            "--steps-per-eval", "4", "--val-batches", "1", "--save-every", "2", "--needle-tasks", "passkey",
-            "number", *map(str, extra)]
+    return [
+        "--model",
+        str(base / "titans"),
+        "--data",
+        str(base / "docs"),
+        "--adapter-path",
+        str(out),
+        "--sample-length",
+        "128",
+        "--batch-size",
+        "2",
+        "--iters",
+        "4",
+        "--steps-per-report",
+        "2",
+        "--steps-per-eval",
+        "4",
+        "--val-batches",
+        "1",
+        "--save-every",
+        "2",
+        "--needle-tasks",
+        "passkey",
+        "number",
+        *map(str, extra),
+    ]
 
 
 def open_gates(model, scale=0.5):
@@ -141,14 +170,29 @@ def test_fuse_writes_a_standalone_folder_and_generate_runs_adapters(base, tmp_pa
         assert adapt(flags(base, out, "--iters", "2", *extra)) == 0
         weights = mx.load(str(out / "adapters.safetensors"))
         assert any(k.endswith("lora_a") for k in weights) == (name == "lora")
-        assert fuse(["--model", str(base / "titans"), "--adapter-path", str(out), "--save-path",
-                     str(tmp_path / f"fused-{name}")]) == 0
+        assert (
+            fuse(
+                [
+                    "--model",
+                    str(base / "titans"),
+                    "--adapter-path",
+                    str(out),
+                    "--save-path",
+                    str(tmp_path / f"fused-{name}"),
+                ]
+            )
+            == 0
+        )
         with_adapters, _, _ = load(base / "titans", adapter_path=out)
         fused, _, _ = load(tmp_path / f"fused-{name}")
         assert mx.abs(with_adapters(tokens) - fused(tokens)).max().item() <= tolerance
     capsys.readouterr()
-    assert generate(["--model", str(base / "titans"), "--adapter-path", str(tmp_path / "lora"), "-p", "The fox",
-                     "-m", "3"]) == 0
+    assert (
+        generate(
+            ["--model", str(base / "titans"), "--adapter-path", str(tmp_path / "lora"), "-p", "The fox", "-m", "3"]
+        )
+        == 0
+    )
     assert "Generation: 3 tokens" in capsys.readouterr().out
 
 
@@ -187,8 +231,13 @@ def test_jsonl_folder_is_the_same_documents_as_txt_files(base, tmp_path, capsys)
     """mlx-lm's layout (train.jsonl, valid.jsonl of {"text": ...} rows): each row a document, joined with EOS as
     .txt files are, so the same documents give the same token streams; and adapt trains on it."""
     jsonl = tmp_path / "jsonl"
-    write_jsonl(jsonl, {split: [{"text": f.read_text()} for f in sorted((base / "docs" / split).glob("*.txt"))]
-                        for split in ("train", "valid")})
+    write_jsonl(
+        jsonl,
+        {
+            split: [{"text": f.read_text()} for f in sorted((base / "docs" / split).glob("*.txt"))]
+            for split in ("train", "valid")
+        },
+    )
     _, tokenizer, _ = load(base / "titans")
     txt, rows = (text_streams(folder, tokenizer, tmp_path / "cache") for folder in (base / "docs", jsonl))
     eos = tokenizer.backend_tokenizer.token_to_id(EOS)
@@ -203,8 +252,10 @@ def test_bad_data_folder_is_one_error_line(base, tmp_path, capsys):
     cases = {
         "neither": ({}, "no .txt files, nor train.jsonl and valid.jsonl"),
         "no valid": ({"train": [row]}, "has no valid.jsonl"),
-        "no text": ({"train": [row], "valid": [row, {"prompt": "a", "completion": "b"}]},
-                    'valid.jsonl line 2 has no "text"'),
+        "no text": (
+            {"train": [row], "valid": [row, {"prompt": "a", "completion": "b"}]},
+            'valid.jsonl line 2 has no "text"',
+        ),
         "empty split": ({"train": [], "valid": [row]}, "train.jsonl has no rows"),
     }
     for name, (splits, message) in cases.items():
@@ -231,16 +282,33 @@ def test_two_processes_train_as_one(base, tmp_path):
     open_gates(model)
     mx.save_safetensors(str(opened / MEMORY_WEIGHTS), memory_weights(model))
     extra = ["--iters", "1", "--warmup", "0", "--lora-layers", "1", "--lora-rank", "2", "--model", opened]
-    proc = subprocess.run([launcher, "-n", "2", "--backend", "ring", "--starting-port", str(free_port()),
-                           sys.executable, "-m", "mlx_titans.adapt", *flags(base, tmp_path / "two", *extra)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            launcher,
+            "-n",
+            "2",
+            "--backend",
+            "ring",
+            "--starting-port",
+            str(free_port()),
+            sys.executable,
+            "-m",
+            "mlx_titans.adapt",
+            *flags(base, tmp_path / "two", *extra),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert adapt(flags(base, tmp_path / "one", *extra)) == 0
     one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
     assert one["processes"] == 1 and two["processes"] == 2 and two["ranks_in_sync"]
     assert abs(one["train_loss"] - two["train_loss"]) < 1e-5
-    norms = [json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[0])["grad_norm"]
-             for name in ("one", "two")]
+    norms = [
+        json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[0])["grad_norm"] for name in ("one", "two")
+    ]
     assert norms[0] == pytest.approx(norms[1], rel=1e-5)
     a, b = (mx.load(str(tmp_path / name / "adapters.safetensors")) for name in ("one", "two"))
     assert a.keys() == b.keys() and any(k.endswith("lora_a") for k in a)
@@ -254,8 +322,10 @@ def test_adapt_memory_benchmark(base, tmp_path):
     from benchmarks.adapt_memory import main as adapt_memory
 
     out = tmp_path / "adapt_memory.json"
-    assert adapt_memory(["--model", str(base / "titans"), "--multiples", "2", "4", "--repeats", "1",
-                         "--out", str(out)]) == 0
+    assert (
+        adapt_memory(["--model", str(base / "titans"), "--multiples", "2", "4", "--repeats", "1", "--out", str(out)])
+        == 0
+    )
     rows = json.loads(out.read_text())["rows"]
     assert [(r["length"], r["checkpoint"]) for r in rows] == [(32, True), (32, False), (64, True), (64, False)]
     assert all(a["peak_memory_gb"] <= b["peak_memory_gb"] for a, b in zip(rows[::2], rows[1::2]))

@@ -18,10 +18,16 @@ TINY = preset_config("tiny")
 
 
 def section(**overrides):
-    base = {"memory_layers": [0, 1], "window": 24, "sink_tokens": 4, "segment_size": 16,
-            "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8}}
-    return TitansQwenConfig.from_section({**base, **overrides}, TINY["num_hidden_layers"],
-                                         TINY["hidden_size"]).to_section()
+    base = {
+        "memory_layers": [0, 1],
+        "window": 24,
+        "sink_tokens": 4,
+        "segment_size": 16,
+        "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8},
+    }
+    return TitansQwenConfig.from_section(
+        {**base, **overrides}, TINY["num_hidden_layers"], TINY["hidden_size"]
+    ).to_section()
 
 
 def default_section(config) -> dict:
@@ -32,9 +38,19 @@ def nbytes(tree) -> int:
     return sum(a.nbytes for _, a in tree_flatten(tree) if isinstance(a, mx.array))
 
 
-@pytest.mark.parametrize("changes", [{}, {"momentum": False}, {"momentum_order": 2}, {"batch_size": 8},
-                                     {"conv_size": 4}, {"depth": 3, "expansion": 2.0}, {"residual_norm": False},
-                                     {"per_head_init": False}])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"momentum": False},
+        {"momentum_order": 2},
+        {"batch_size": 8},
+        {"conv_size": 4},
+        {"depth": 3, "expansion": 2.0},
+        {"residual_norm": False},
+        {"per_head_init": False},
+    ],
+)
 def test_memory_state_bytes_equal_a_real_state(changes):
     config = MemoryConfig(dim=32, heads=2, dim_head=8, chunk_size=4, **changes)
     memory = NeuralMemory(config)
@@ -99,16 +115,23 @@ def test_cli_table_and_check(tmp_path, capsys):
     model_dir.mkdir()
     titans = section()
     (model_dir / "config.json").write_text(json.dumps({**TINY, "torch_dtype": "float32", "titans": titans}))
-    measured = {"model": str(model_dir), "machine": "test", "titans": titans,
-                "rows": [{"length": 64, "checkpoint": True, "peak_memory_gb": 0.01, "seconds_per_step": 2.0},
-                         {"length": 64, "checkpoint": False, "peak_memory_gb": 0.05, "seconds_per_step": 1.0}]}
+    measured = {
+        "model": str(model_dir),
+        "machine": "test",
+        "titans": titans,
+        "rows": [
+            {"length": 64, "checkpoint": True, "peak_memory_gb": 0.01, "seconds_per_step": 2.0},
+            {"length": 64, "checkpoint": False, "peak_memory_gb": 0.05, "seconds_per_step": 1.0},
+        ],
+    }
     (tmp_path / "measured.json").write_text(json.dumps(measured))
     out = tmp_path / "cost.json"
     assert adapt_cost.main(["--check-against", str(tmp_path / "measured.json"), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["tflop_s"]["estimate"] and "M3 Max" in result["tflop_s"]["source"]
     assert [(r["model"], r["window_multiple"]) for r in result["rows"]] == [
-        (m, k) for m in ("qwen2.5-0.5b", "qwen2.5-7b") for k in (4, 16, 32)]
+        (m, k) for m in ("qwen2.5-0.5b", "qwen2.5-7b") for k in (4, 16, 32)
+    ]
     for r in result["rows"]:
         assert r["total_gb"] > r["weights_gb"] > 0 and r["hours_per_million_tokens"] > 0
     (row,) = result["check"]["rows"]

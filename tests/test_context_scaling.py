@@ -11,16 +11,38 @@ pytestmark = pytest.mark.benchmark  # smoke tests of a benchmarks/ command line,
 
 def run(tmp_path, *extra):
     out = tmp_path / "cs.json"
-    context_scaling.main(["--preset", "tiny", "--contexts", "128", "256", "--window", "64", "--max-kv-size", "64",
-                          "--warmup-context", "128", "--burn-in", "0", "-g", "4", "--prefill-step-size", "64",
-                          "--out", str(out), *extra])
+    context_scaling.main(
+        [
+            "--preset",
+            "tiny",
+            "--contexts",
+            "128",
+            "256",
+            "--window",
+            "64",
+            "--max-kv-size",
+            "64",
+            "--warmup-context",
+            "128",
+            "--burn-in",
+            "0",
+            "-g",
+            "4",
+            "--prefill-step-size",
+            "64",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
     return json.loads(out.read_text()), out
 
 
 def test_benchmark_end_to_end(tmp_path):
     result, out = run(tmp_path)
     assert [(r["method"], r["context"]) for r in result["rows"]] == [
-        (m, n) for m in ("titans", "full", "rotating") for n in (128, 256)]
+        (m, n) for m in ("titans", "full", "rotating") for n in (128, 256)
+    ]
     for row in result["rows"]:
         assert row["prefill_tps"] > 0 and row["decode_tps"] > 0 and row["peak_gb"] > 0 and row["device"]
     assert result["stopped"] == {} and out.with_suffix(".png").stat().st_size > 0
@@ -32,8 +54,22 @@ def test_benchmark_end_to_end(tmp_path):
     only_full, full_file = run(tmp_path / "b", "--methods", "full", "--time-budget", "0")
     assert [r["context"] for r in only_full["rows"]] == [128]  # the budget stops it after the first context
     assert "stopped before 256" in only_full["stopped"]["full"]
-    merged = context_scaling.main(["--preset", "tiny", "--contexts", "128", "256", "--window", "64",
-                                   "--rows-from", str(out), str(full_file), "--out", str(tmp_path / "m.json")])
+    merged = context_scaling.main(
+        [
+            "--preset",
+            "tiny",
+            "--contexts",
+            "128",
+            "256",
+            "--window",
+            "64",
+            "--rows-from",
+            str(out),
+            str(full_file),
+            "--out",
+            str(tmp_path / "m.json"),
+        ]
+    )
     rows = {(r["method"], r["context"]): r for r in merged["rows"]}
     assert len(merged["rows"]) == 6
     assert rows["full", 128]["decode_tps"] == only_full["rows"][0]["decode_tps"]  # the later file wins

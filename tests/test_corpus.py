@@ -36,10 +36,32 @@ def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen_base")
     books(root / "books" / "train", 0)
     books(root / "books" / "valid", 1)
-    args = ["--work", str(root / "work"), "--data", str(root / "books"), "--vocab-size", "1024", "--sizes", *SIZES,
-            "--seq-len", str(SEQ_LEN), "--iters", "3", "--batch-size", "2", "--tokens", str(12 * SEQ_LEN),
-            "--valid-tokens", str(4 * SEQ_LEN), "--needle-fraction", "0.5", "--steps-per-report", "1",
-            "--val-batches", "1"]
+    args = [
+        "--work",
+        str(root / "work"),
+        "--data",
+        str(root / "books"),
+        "--vocab-size",
+        "1024",
+        "--sizes",
+        *SIZES,
+        "--seq-len",
+        str(SEQ_LEN),
+        "--iters",
+        "3",
+        "--batch-size",
+        "2",
+        "--tokens",
+        str(12 * SEQ_LEN),
+        "--valid-tokens",
+        str(4 * SEQ_LEN),
+        "--needle-fraction",
+        "0.5",
+        "--steps-per-report",
+        "1",
+        "--val-batches",
+        "1",
+    ]
     assert main(args) == 0
     return root, args
 
@@ -73,8 +95,17 @@ def test_rows_have_about_seq_len_tokens_and_repeat_by_seed(work, tmp_path):
     for split in ("train", "valid"):
         lengths = [len(tokenizer.encode(t)) for t in rows(root / "work" / "data" / f"{split}.jsonl")]
         assert all(SEQ_LEN - 8 <= n <= SEQ_LEN for n in lengths), lengths
-    write_data(tmp_path / "again", load_hf_tokenizer(root / "work" / "tokenizer"), root / "books" / "train",
-               root / "books" / "valid", SEQ_LEN, 12 * SEQ_LEN, 4 * SEQ_LEN, 0.5, 0)
+    write_data(
+        tmp_path / "again",
+        load_hf_tokenizer(root / "work" / "tokenizer"),
+        root / "books" / "train",
+        root / "books" / "valid",
+        SEQ_LEN,
+        12 * SEQ_LEN,
+        4 * SEQ_LEN,
+        0.5,
+        0,
+    )
     assert (tmp_path / "again" / "train.jsonl").read_text() == (root / "work" / "data" / "train.jsonl").read_text()
 
 

@@ -8,13 +8,15 @@ from benchmarks import context_scaling, cost_model
 from mlx_titans.qwen import TitansQwenConfig
 from mlx_titans.qwen.random_model import preset_config, random_model
 
-TINY_QWEN3 = {**preset_config("tiny"), "model_type": "qwen3", "head_dim": 32,
-              "tie_word_embeddings": False}
+TINY_QWEN3 = {**preset_config("tiny"), "model_type": "qwen3", "head_dim": 32, "tie_word_embeddings": False}
 
 
 def section(config, **overrides):
-    return TitansQwenConfig.from_section({"memory_layers": [1], "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8},
-                                      **overrides}, config["num_hidden_layers"], config["hidden_size"]).to_section()
+    return TitansQwenConfig.from_section(
+        {"memory_layers": [1], "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8}, **overrides},
+        config["num_hidden_layers"],
+        config["hidden_size"],
+    ).to_section()
 
 
 @pytest.mark.parametrize("config", [preset_config("tiny"), TINY_QWEN3], ids=["qwen2-tied", "qwen3"])

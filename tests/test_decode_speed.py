@@ -14,8 +14,27 @@ pytestmark = pytest.mark.benchmark  # smoke tests of a benchmarks/ command line,
 
 def test_decode_speed_rounds_and_ratios(tmp_path):
     out = tmp_path / "d.json"
-    result = decode_speed.main(["--preset", "tiny", "--context", "96", "-g", "4", "--rounds", "3", "--burn-in", "0",
-                                "--window", "64", "--methods", "titans", "window", "--out", str(out)])
+    result = decode_speed.main(
+        [
+            "--preset",
+            "tiny",
+            "--context",
+            "96",
+            "-g",
+            "4",
+            "--rounds",
+            "3",
+            "--burn-in",
+            "0",
+            "--window",
+            "64",
+            "--methods",
+            "titans",
+            "window",
+            "--out",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text()) == result
     assert len(result["rounds"]) == 3 and all(set(r) == {"titans", "window", "full"} for r in result["rounds"])
     titans = result["summary"]["titans"]
@@ -40,10 +59,32 @@ def test_decode_speed_sync_steps_find_the_chunk_completing_ones(tmp_path):
     window = random_model(config, {**titans, "memory_layers": []}, None, 64, "float32")
     assert not any(completes for _, completes in decode_speed.sync_latencies(window, window.make_cache(), 100, 3))
     assert decode_speed.sync_summary([(2.0, False), (9.0, True), (4.0, False), (3.0, False)]) == {
-        "median_ms": 3.0, "chunk_ms": [9.0]}
+        "median_ms": 3.0,
+        "chunk_ms": [9.0],
+    }
     out = tmp_path / "d.json"
-    result = decode_speed.main(["--preset", "tiny", "--context", "96", "-g", "4", "--rounds", "1", "--burn-in", "0",
-                                "--window", "64", "--methods", "titans", "--sync-tokens", "5", "--out", str(out)])
+    result = decode_speed.main(
+        [
+            "--preset",
+            "tiny",
+            "--context",
+            "96",
+            "-g",
+            "4",
+            "--rounds",
+            "1",
+            "--burn-in",
+            "0",
+            "--window",
+            "64",
+            "--methods",
+            "titans",
+            "--sync-tokens",
+            "5",
+            "--out",
+            str(out),
+        ]
+    )
     assert set(result["sync"]) == {"titans", "full"} and json.loads(out.read_text())["sync"] == result["sync"]
 
 

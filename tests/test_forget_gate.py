@@ -20,8 +20,20 @@ def work(tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
     write_stream(work / "tokens" / "train.npy", 20000, seed=0, vocab=8192)
     write_stream(work / "tokens" / "valid.npy", 5000, seed=1, vocab=8192)
-    reproduce(["--work", str(work), "--out", str(work / "niah.json"), "--runs", "mac", "mac_no_weight_decay",
-               "--tasks", "passkey", *TINY])
+    reproduce(
+        [
+            "--work",
+            str(work),
+            "--out",
+            str(work / "niah.json"),
+            "--runs",
+            "mac",
+            "mac_no_weight_decay",
+            "--tasks",
+            "passkey",
+            *TINY,
+        ]
+    )
     return work
 
 

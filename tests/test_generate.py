@@ -12,14 +12,16 @@ from mlx_titans.model import TitansLMConfig, TitansLM, save_model
 def checkpoint(tmp_path_factory):
     """A tiny MAC model with a byte-level tokenizer (one token per byte, so texts concatenate as token lists)."""
     root = tmp_path_factory.mktemp("gen")
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
-                               merges=[]))
+    tok = Tokenizer(
+        models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, merges=[])
+    )
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.save(str(root / "tokenizer.json"))
     mx.random.seed(0)
-    model = TitansLM(TitansLMConfig(variant="mac", vocab_size=256, dim=32, layers=2, heads=2, window=8,
-                                  memory=dict(chunk_size=4)))
+    model = TitansLM(
+        TitansLMConfig(variant="mac", vocab_size=256, dim=32, layers=2, heads=2, window=8, memory=dict(chunk_size=4))
+    )
     save_model(root / "mac", model, tokenizer_file=root / "tokenizer.json")
     return root
 
@@ -38,8 +40,19 @@ def test_generates_and_prints_stats(checkpoint, capsys):
 
 def test_long_file_context_with_progress(checkpoint, capsys, tmp_path):
     (tmp_path / "book.txt").write_text("It was a dark and stormy night. " * 40)
-    code, out, err = run(capsys, "--model", checkpoint / "mac", "--file", tmp_path / "book.txt", "-p", "Then",
-                         "-m", "3", "--prefill-step-size", "64")
+    code, out, err = run(
+        capsys,
+        "--model",
+        checkpoint / "mac",
+        "--file",
+        tmp_path / "book.txt",
+        "-p",
+        "Then",
+        "-m",
+        "3",
+        "--prefill-step-size",
+        "64",
+    )
     assert code == 0 and "prefill" in err
 
 
@@ -47,10 +60,35 @@ def test_memory_state_out_then_in_equals_one_run(checkpoint, capsys, tmp_path):
     model = checkpoint / "mac"
     a, b = "The pass key is 71234. ", "Remember it. What is the pass key? The pass key is"
     _, whole, _ = run(capsys, "--model", model, "-p", a + b, "-m", "8", "--verbose", "False")
-    assert run(capsys, "--model", model, "-p", a, "-m", "0", "--verbose", "False",
-               "--memory-state-out", tmp_path / "s.safetensors")[0] == 0
-    _, resumed, _ = run(capsys, "--model", model, "-p", b, "-m", "8", "--verbose", "False",
-                        "--memory-state-in", tmp_path / "s.safetensors")
+    assert (
+        run(
+            capsys,
+            "--model",
+            model,
+            "-p",
+            a,
+            "-m",
+            "0",
+            "--verbose",
+            "False",
+            "--memory-state-out",
+            tmp_path / "s.safetensors",
+        )[0]
+        == 0
+    )
+    _, resumed, _ = run(
+        capsys,
+        "--model",
+        model,
+        "-p",
+        b,
+        "-m",
+        "8",
+        "--verbose",
+        "False",
+        "--memory-state-in",
+        tmp_path / "s.safetensors",
+    )
     assert resumed == whole
 
 
@@ -93,17 +131,38 @@ def test_titans_qwen_generation_and_state_round_trip(capsys, tmp_path):
     from mlx_titans.qwen.random_model import make_tiny_qwen
 
     hf = make_tiny_qwen(tmp_path / "hf", "qwen2")
-    convert(hf, tmp_path / "q", quantize=True, titans={"memory_layers": [1], "window": 16, "segment_size": 16,
-                                                        "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8}})
+    convert(
+        hf,
+        tmp_path / "q",
+        quantize=True,
+        titans={
+            "memory_layers": [1],
+            "window": 16,
+            "segment_size": 16,
+            "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8},
+        },
+    )
     model = tmp_path / "q"
     code, out, _ = run(capsys, "--model", model, "-p", "The quick brown fox", "-m", "5", "--ignore-chat-template")
     assert code == 0 and "Generation:" in out
     (tmp_path / "doc.txt").write_text("Titans neural memory learns at test time. " * 30)
-    code, _, _ = run(capsys, "--model", model, "--file", tmp_path / "doc.txt", "-m", "2", "--window", "8",
-                     "--memory-state-out", tmp_path / "s.safetensors")
+    code, _, _ = run(
+        capsys,
+        "--model",
+        model,
+        "--file",
+        tmp_path / "doc.txt",
+        "-m",
+        "2",
+        "--window",
+        "8",
+        "--memory-state-out",
+        tmp_path / "s.safetensors",
+    )
     assert code == 0
-    code, _, err = run(capsys, "--model", model, "-p", "again", "-m", "2",
-                       "--memory-state-in", tmp_path / "s.safetensors")  # saved with window 8, loaded with 16
+    code, _, err = run(
+        capsys, "--model", model, "-p", "again", "-m", "2", "--memory-state-in", tmp_path / "s.safetensors"
+    )  # saved with window 8, loaded with 16
     assert code == 1 and "another model" in err
 
 

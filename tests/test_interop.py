@@ -12,12 +12,21 @@ titans_pytorch = pytest.importorskip("titans_pytorch")
 KWARGS = [
     dict(dim=32, chunk_size=4),
     dict(dim=32, heads=4, dim_head=8, chunk_size=4, default_step_transform_max_lr=0.1),
-    dict(dim=32, heads=2, dim_head=16, chunk_size=8, batch_size=16, qk_rmsnorm=True,
-         default_step_transform_max_lr=0.1),
+    dict(dim=32, heads=2, dim_head=16, chunk_size=8, batch_size=16, qk_rmsnorm=True, default_step_transform_max_lr=0.1),
     dict(dim=32, heads=2, dim_head=16, chunk_size=4, momentum_order=2, per_head_learned_parameters=False),
-    dict(dim=32, chunk_size=4, momentum=False, post_rmsnorm=True,
-         default_model_kwargs=dict(depth=1, expansion_factor=1.0)),
-    dict(dim=32, chunk_size=2, mem_model_norm_add_residual=False, default_model_kwargs=dict(depth=3, expansion_factor=2.0)),
+    dict(
+        dim=32,
+        chunk_size=4,
+        momentum=False,
+        post_rmsnorm=True,
+        default_model_kwargs=dict(depth=1, expansion_factor=1.0),
+    ),
+    dict(
+        dim=32,
+        chunk_size=2,
+        mem_model_norm_add_residual=False,
+        default_model_kwargs=dict(depth=3, expansion_factor=2.0),
+    ),
 ]
 
 
@@ -89,7 +98,9 @@ def test_unsupported_options_are_refused():
         config_from_titans_pytorch(dim=32, chunk_sise=4)
     ref, _ = pair(dict(dim=32, chunk_size=4))
     with pytest.raises(ValueError, match="shape"):
-        from_titans_pytorch(ref.state_dict(), dim=32, chunk_size=4, default_model_kwargs=dict(depth=2, expansion_factor=2.0))
+        from_titans_pytorch(
+            ref.state_dict(), dim=32, chunk_size=4, default_model_kwargs=dict(depth=2, expansion_factor=2.0)
+        )
 
 
 def test_converter_cli_round_trip(tmp_path, capsys):
@@ -111,7 +122,18 @@ def test_converter_cli_round_trip(tmp_path, capsys):
     close(mem(mx.array(x.numpy()))[0], expect)
     # a bad option: one line, non-zero, nothing written
     bad = tmp_path / "bad-out"
-    assert main(["--checkpoint", str(tmp_path / "mem.pt"), "--kwargs", json.dumps({**kwargs, "max_grad_norm": 1.0}),
-                 "--out", str(bad)]) != 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(tmp_path / "mem.pt"),
+                "--kwargs",
+                json.dumps({**kwargs, "max_grad_norm": 1.0}),
+                "--out",
+                str(bad),
+            ]
+        )
+        != 0
+    )
     assert not bad.exists()
     assert "max_grad_norm" in capsys.readouterr().err

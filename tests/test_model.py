@@ -11,8 +11,16 @@ VOCAB = 97
 
 def make(variant, **kw):
     mx.random.seed(0)
-    cfg = dict(variant=variant, vocab_size=VOCAB, dim=32, layers=2, heads=2, window=6, persistent_tokens=2,
-               memory=dict(chunk_size=4, heads=2, max_lr=0.5, conv_size=3))
+    cfg = dict(
+        variant=variant,
+        vocab_size=VOCAB,
+        dim=32,
+        layers=2,
+        heads=2,
+        window=6,
+        persistent_tokens=2,
+        memory=dict(chunk_size=4, heads=2, max_lr=0.5, conv_size=3),
+    )
     cfg.update(kw)
     if variant in ("swa", "transformer"):
         cfg.pop("memory")
@@ -134,8 +142,9 @@ def test_cache_save_load_continues_exactly(tmp_path, variant):
         load_cache_file(tmp_path / "state.safetensors", make(variant, window=5))
 
 
-@pytest.mark.parametrize("variant, held", [("mac", 5), ("mag", 5), ("mal", 5), ("lmm", 0), ("swa", 5),
-                                           ("transformer", 11)])
+@pytest.mark.parametrize(
+    "variant, held", [("mac", 5), ("mag", 5), ("mal", 5), ("lmm", 0), ("swa", 5), ("transformer", 11)]
+)
 def test_mlx_lm_prompt_cache_file_continues_exactly(tmp_path, variant, held):
     """mlx-lm's save_prompt_cache writes a TitansLM cache and load_prompt_cache restores it: the same keys held
     (size(): what attention still sees of 11 tokens, window 6) and the same logits after it."""

@@ -77,9 +77,15 @@ def test_stream_splits_equal_one_call(options):
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"heads": 2, "batch_size": 8}, {"batch_size": 0, "momentum_order": 2}, {"channelwise_decay": True},
-     {"max_grad_norm": 0.05, "loss": "huber", "huber_delta": 0.3}, {"depth": 3, "residual_norm": False},
-     {"max_decay": 0.3, "heads": 2}],
+    [
+        {},
+        {"heads": 2, "batch_size": 8},
+        {"batch_size": 0, "momentum_order": 2},
+        {"channelwise_decay": True},
+        {"max_grad_norm": 0.05, "loss": "huber", "huber_delta": 0.3},
+        {"depth": 3, "residual_norm": False},
+        {"max_decay": 0.3, "heads": 2},
+    ],
     ids=str,
 )
 def test_matches_slow_loop_oracle(options):
@@ -265,8 +271,15 @@ GRID = list(itertools.product([1, 2], [1, 2], [None, 0], [None, 1.0], ["l2", "hu
 
 @pytest.mark.parametrize("heads,order,batch_size,clamp,loss", GRID)
 def test_no_nan_or_inf(heads, order, batch_size, clamp, loss):
-    mem = make(heads=heads, momentum_order=order, batch_size=batch_size, max_grad_norm=clamp, loss=loss,
-               max_lr=1.0, channelwise_decay=order == 2)
+    mem = make(
+        heads=heads,
+        momentum_order=order,
+        batch_size=batch_size,
+        max_grad_norm=clamp,
+        loss=loss,
+        max_lr=1.0,
+        channelwise_decay=order == 2,
+    )
     x = 10 * mx.random.normal((2, 21, DIM))
     mask = mx.ones((2, 21), dtype=mx.bool_)
     mask[:, 4:12] = False  # whole masked chunks: zero gradients must stay 0, not 0/0
@@ -307,7 +320,9 @@ def test_second_order_gradients_match_finite_differences():
         direction = direction / mx.linalg.norm(direction.reshape(-1))
 
         def central(eps):
-            return (loss_of(name, params[name] + eps * direction) - loss_of(name, params[name] - eps * direction)).item() / (2 * eps)
+            return (
+                loss_of(name, params[name] + eps * direction) - loss_of(name, params[name] - eps * direction)
+            ).item() / (2 * eps)
 
         numeric = (4 * central(1e-3) - central(2e-3)) / 3  # Richardson: cancels the eps^2 term
         analytic = (grad * direction).sum().item()
@@ -326,8 +341,7 @@ def test_linear_memory_without_momentum_is_the_delta_rule():
     w0 = mem.initial_weights["w0"][0]
     state = mx.broadcast_to(w0.T[None, None], (b, 1, DIM, DIM))
     beta = 2 * lr / DIM
-    expect, _ = mx.fast.gated_delta_update(q[:, :, None], k[:, :, None], v[:, :, None], mx.ones_like(beta), beta,
-                                           state)
+    expect, _ = mx.fast.gated_delta_update(q[:, :, None], k[:, :, None], v[:, :, None], mx.ones_like(beta), beta, state)
     assert mx.allclose(y, expect[:, :, 0], atol=1e-5)
 
 

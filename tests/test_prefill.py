@@ -12,8 +12,11 @@ def test_prefill_serves_titans_lm_and_stock_mlx_lm_models(hf):
     """The one prefill helper: the last position's logits of a TitansLM and of a stock mlx-lm Qwen, fed in steps,
     equal their uncached forward; progress follows each call; no tokens is an error."""
     tokens = prompt(23)
-    titans_lm = TitansLM(TitansLMConfig(variant="mag", vocab_size=1000, dim=32, layers=2, heads=2, window=6,
-                                        memory={"chunk_size": 4, "heads": 2}))
+    titans_lm = TitansLM(
+        TitansLMConfig(
+            variant="mag", vocab_size=1000, dim=32, layers=2, heads=2, window=6, memory={"chunk_size": 4, "heads": 2}
+        )
+    )
     stock, _ = load_model(hf["qwen2"])
     for model in (titans_lm, stock):
         done = []

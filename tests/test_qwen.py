@@ -20,14 +20,21 @@ from mlx_titans.qwen.random_model import make_tiny_qwen
 from test_qwen_convert import corrupt_checkpoint
 
 # small titans settings: chunk 8, so a few dozen tokens fill several memory chunks
-SMALL = {"memory_layers": [0, 1], "window": 16, "sink_tokens": 4, "segment_size": 16,
-         "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8}}
+SMALL = {
+    "memory_layers": [0, 1],
+    "window": 16,
+    "sink_tokens": 4,
+    "segment_size": 16,
+    "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8},
+}
 
 
 def titans_model(path, gate=0.0, **section):
     """TitansQwen through mlx-lm's load_model hook; gate > 0 opens every memory gate to random values of that size."""
     mx.random.seed(0)  # the same memory initialisation in every model built here
-    model, _ = load_model(Path(path), model_config={"titans": {**SMALL, **section}}, get_model_classes=get_model_classes)
+    model, _ = load_model(
+        Path(path), model_config={"titans": {**SMALL, **section}}, get_model_classes=get_model_classes
+    )
     for i, layer in enumerate(model.layers):
         if "memory" in layer and gate:
             layer.memory_gate = gate * mx.random.normal(layer.memory_gate.shape, key=mx.random.key(i))
@@ -88,8 +95,9 @@ def reference_logits(model, tokens):
 
 
 # ---------------------------------------------------------------------------------------------------- cache
-@pytest.mark.parametrize("rope", [nn.RoPE(8, base=100.0), YarnRoPE(8, base=100.0, scaling_factor=4.0)],
-                         ids=["composes", "scales-its-input"])
+@pytest.mark.parametrize(
+    "rope", [nn.RoPE(8, base=100.0), YarnRoPE(8, base=100.0, scaling_factor=4.0)], ids=["composes", "scales-its-input"]
+)
 def test_cache_keys_sit_at_their_positions(rope):
     """Every call attends the sinks at positions 0..s-1 and the window's keys at t - shift, rotated from the keys
     before RoPE, whether the window was rotated down from its last positions (plain RoPE) or from kept unrotated keys
@@ -170,8 +178,9 @@ def test_segmented_prefill_equals_whole_and_drives_stream_generate(hf):
 
     # stock mlx-lm sampling over our cache (greedy, prefill in steps of 5) = our own greedy loop
     _, tokenizer, _ = load(hf["qwen2"])
-    generated = [r.token for r in stream_generate(model, tokenizer, tokens[0].tolist(), max_tokens=4,
-                                                  prefill_step_size=5)]
+    generated = [
+        r.token for r in stream_generate(model, tokenizer, tokens[0].tolist(), max_tokens=4, prefill_step_size=5)
+    ]
     cache, ours = model.make_cache(), []
     logits = prefill(model, tokens, cache)
     for _ in range(4):
@@ -246,8 +255,14 @@ def test_memory_state_of_another_model_is_refused(hf, tmp_path):
 
 
 def test_peak_memory_flat_in_context_length(hf):
-    model = titans_model(hf["qwen2"], 0.05, memory_layers=[1], window=32, segment_size=128,
-                         memory={"heads": 1, "dim_head": 16, "chunk_size": 128})
+    model = titans_model(
+        hf["qwen2"],
+        0.05,
+        memory_layers=[1],
+        window=32,
+        segment_size=128,
+        memory={"heads": 1, "dim_head": 16, "chunk_size": 128},
+    )
     prefill(model, prompt(1024), model.make_cache())  # compile and warm up
     peaks = []
     for n in (4096, 65536):

@@ -22,9 +22,29 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_convert_quantized_then_load_generate_and_stock_load(hf, arch, tmp_path):
     out = tmp_path / "out"
-    rc = converter.main(["--hf-path", str(hf[arch]), "--mlx-path", str(out), "-q", "--memory-layers", "1",
-                         "--window", "24", "--sink-tokens", "2", "--segment-size", "16", "--chunk-size", "8",
-                         "--memory-heads", "2", "--memory-dim-head", "16"])
+    rc = converter.main(
+        [
+            "--hf-path",
+            str(hf[arch]),
+            "--mlx-path",
+            str(out),
+            "-q",
+            "--memory-layers",
+            "1",
+            "--window",
+            "24",
+            "--sink-tokens",
+            "2",
+            "--segment-size",
+            "16",
+            "--chunk-size",
+            "8",
+            "--memory-heads",
+            "2",
+            "--memory-dim-head",
+            "16",
+        ]
+    )
     assert rc == 0 and (out / "titans_memory.safetensors").is_file()
     assert load(out, window=8)[0].titans.window == 8
     model, tokenizer, config = load(out)
@@ -77,12 +97,25 @@ def test_convert_bad_source_one_line_nothing_written(case, tmp_path, capsys):
 
 def test_convert_unknown_hub_id_offline_as_script(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    run = subprocess.run([sys.executable, "convert/qwen.py", "--hf-path", "mlx-titans-test/no-such-model",
-                          "--mlx-path", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "convert/qwen.py",
+            "--hf-path",
+            "mlx-titans-test/no-such-model",
+            "--mlx-path",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 1
     assert run.stderr.strip().splitlines() == [
         "error: mlx-titans-test/no-such-model is not a local directory and the Hugging Face Hub cannot provide it "
-        "(HF_HUB_OFFLINE is set)"]
+        "(HF_HUB_OFFLINE is set)"
+    ]
     assert list(tmp_path.iterdir()) == []
 
 

@@ -16,9 +16,32 @@ from mlx_titans.tasks import FIRST_SYMBOL, NEEDLE, QUERY
 pytestmark = pytest.mark.benchmark  # smoke tests of a benchmarks/ command line, at tiny sizes
 
 TEXT_VOCAB = 200
-TINY = ["--dim", "32", "--layers", "1", "--heads", "2", "--window", "32", "--persistent-tokens", "2",
-        "--memory", '{"chunk_size": 16, "heads": 2, "max_grad_norm": 1.0}', "--seq-len", "64", "--batch-size", "4",
-        "--steps", "2", "--warmup", "1", "--samples", "2", "--valid-batches", "2"]
+TINY = [
+    "--dim",
+    "32",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--window",
+    "32",
+    "--persistent-tokens",
+    "2",
+    "--memory",
+    '{"chunk_size": 16, "heads": 2, "max_grad_norm": 1.0}',
+    "--seq-len",
+    "64",
+    "--batch-size",
+    "4",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+    "--samples",
+    "2",
+    "--valid-batches",
+    "2",
+]
 
 
 def write_stream(path, n, seed, vocab=TEXT_VOCAB):
@@ -112,8 +135,11 @@ def test_each_run_gets_a_kernel_cache_of_its_own(tmp_path, monkeypatch):
     (shared / "kernel.ptx").write_text("compiled")
     monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(shared))
     seen = {}
-    monkeypatch.setattr(subprocess, "run", lambda command, env, **kw: seen.update(env=env, command=command) or
-                        subprocess.CompletedProcess(command, 0))
+    monkeypatch.setattr(
+        subprocess,
+        "run",
+        lambda command, env, **kw: seen.update(env=env, command=command) or subprocess.CompletedProcess(command, 0),
+    )
     assert run_child("mac", ["--jobs", "3"], tmp_path / "work") == 0
     own = seen["env"]["MLX_PTX_CACHE_DIR"]
     assert own != str(shared) and (Path(own) / "kernel.ptx").read_text() == "compiled"  # a warm copy
@@ -138,8 +164,13 @@ def test_runs_spread_over_gpus_go_to_the_least_busy(tmp_path, monkeypatch):
         reproduce(["--gpus", "3", "--work", str(tmp_path / "never")])
 
     seen = []
-    monkeypatch.setattr(subprocess, "run", lambda command, env, **kw: seen.append(env.get("CUDA_VISIBLE_DEVICES"))
-                        or subprocess.CompletedProcess(command, 0))
+    monkeypatch.setattr(
+        subprocess,
+        "run",
+        lambda command, env, **kw: (
+            seen.append(env.get("CUDA_VISIBLE_DEVICES")) or subprocess.CompletedProcess(command, 0)
+        ),
+    )
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     two = GPUs(2)
     with two.least_busy():  # GPU 0 busy
@@ -165,8 +196,9 @@ def gradient_norm(variant: str, memory: dict = None) -> float:
     from mlx_titans.tasks import make_batch
 
     mx.random.seed(0)
-    model = TitansLM(TitansLMConfig(variant=variant, vocab_size=64, dim=64, layers=2, heads=2, window=32,
-                                  memory=memory or {}))
+    model = TitansLM(
+        TitansLMConfig(variant=variant, vocab_size=64, dim=64, layers=2, heads=2, window=32, memory=memory or {})
+    )
     x, y, m = (mx.array(a) for a in make_batch("passkey", 4, 256, np.random.default_rng(0), 64))
 
     def loss(params):
@@ -184,8 +216,15 @@ def test_the_reproduction_memory_keeps_macs_gradient_sane():
     from benchmarks.reproduce import MEMORY
 
     ours = {**MEMORY, **RUNS["mac"]["memory"], "chunk_size": 16}
-    before = {"chunk_size": 16, "heads": 2, "qkv_silu": True, "qk_l2norm": True, "conv_size": 4, "post_rmsnorm": True,
-              "max_grad_norm": 1.0}
+    before = {
+        "chunk_size": 16,
+        "heads": 2,
+        "qkv_silu": True,
+        "qk_l2norm": True,
+        "conv_size": 4,
+        "post_rmsnorm": True,
+        "max_grad_norm": 1.0,
+    }
     norms = {"ours": gradient_norm("mac", ours), "before": gradient_norm("mac", before), "swa": gradient_norm("swa")}
     print("global gradient norm at initialisation:", {k: round(v, 1) for k, v in norms.items()})  # the README's
     assert norms["ours"] < 30

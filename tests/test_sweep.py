@@ -6,9 +6,34 @@ from benchmarks.sweep import main as sweep
 
 pytestmark = pytest.mark.benchmark  # smoke tests of a benchmarks/ command line, at tiny sizes
 
-TRAIN = ["--task", "passkey", "--vocab-size", "64", "--dim", "16", "--layers", "1", "--heads", "2", "--window", "8",
-         "--seq-len", "32", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--log-every", "1",
-         "--eval-batches", "1", "--dtype", "float32"]
+TRAIN = [
+    "--task",
+    "passkey",
+    "--vocab-size",
+    "64",
+    "--dim",
+    "16",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--window",
+    "8",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+    "--log-every",
+    "1",
+    "--eval-batches",
+    "1",
+    "--dtype",
+    "float32",
+]
 NIAH = ["--tasks", "passkey", "--lengths", "32", "64", "--samples", "4", "--batch", "4"]
 
 
@@ -18,18 +43,23 @@ def write_spec(path, runs):
 
 
 def test_sweep_trains_tests_and_gathers_then_resumes(tmp_path):
-    spec = write_spec(tmp_path / "spec.json", [
-        {"name": "mac", "train": ["--variant", "mac", "--memory", '{"chunk_size": 4, "conv_size": 3}']},
-        {"name": "swa_seed1", "train": ["--variant", "swa", "--seed", "1"]},
-    ])
+    spec = write_spec(
+        tmp_path / "spec.json",
+        [
+            {"name": "mac", "train": ["--variant", "mac", "--memory", '{"chunk_size": 4, "conv_size": 3}']},
+            {"name": "swa_seed1", "train": ["--variant", "swa", "--seed", "1"]},
+        ],
+    )
     argv = [str(spec), "--work", str(tmp_path / "work"), "--jobs", "2", "--out", str(tmp_path / "sweep.json")]
     result = sweep(argv)
     assert json.loads((tmp_path / "sweep.json").read_text()) == result
     assert [r["name"] for r in result["runs"]] == ["mac", "swa_seed1"]
-    assert {(r["model"], r["length"]) for r in result["rows"]} == {(m, n) for m in ("mac", "swa_seed1") for n in (32, 64)}
+    assert {(r["model"], r["length"]) for r in result["rows"]} == {
+        (m, n) for m in ("mac", "swa_seed1") for n in (32, 64)
+    }
     assert all(r["valid_loss"] > 0 for r in result["runs"])
     train, niah = result["runs"][0]["commands"]
-    assert train.startswith("python -m mlx_titans.train ") and "'{\"chunk_size\": 4, \"conv_size\": 3}'" in train
+    assert train.startswith("python -m mlx_titans.train ") and '\'{"chunk_size": 4, "conv_size": 3}\'' in train
     assert niah.startswith("python -m benchmarks.niah --models ")
     assert (tmp_path / "sweep.png").stat().st_size > 0
 

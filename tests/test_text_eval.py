@@ -15,11 +15,23 @@ from mlx_titans.qwen import load
 from mlx_titans.qwen.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, adapter_weights
 from mlx_titans.qwen.convert import convert
 from mlx_titans.qwen.random_model import make_tiny_qwen
-from mlx_titans.text_eval import answer_loss, greedy_continuations, needle_accuracy, needle_samples, text_windows, window_losses
+from mlx_titans.text_eval import (
+    answer_loss,
+    greedy_continuations,
+    needle_accuracy,
+    needle_samples,
+    text_windows,
+    window_losses,
+)
 from mlx_titans.text_needles import read_haystack
 
-SMALL = {"memory_layers": [0, 1], "window": 64, "sink_tokens": 4, "segment_size": 32,
-         "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8}}
+SMALL = {
+    "memory_layers": [0, 1],
+    "window": 64,
+    "sink_tokens": 4,
+    "segment_size": 32,
+    "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8},
+}
 WORDS = ["green", "quiet", "distant", "small", "red", "old", "bright", "heavy"]
 
 
@@ -41,8 +53,12 @@ def tiny(tmp_path_factory):
     rng = np.random.default_rng(0)
     (root / "books").mkdir()
     for i in range(2):
-        (root / "books" / f"{i}.txt").write_text(" ".join(f"The {rng.choice(WORDS)} fox number {rng.integers(100)} "
-                                                          f"ran. Was it {rng.choice(WORDS)}?" for _ in range(150)))
+        (root / "books" / f"{i}.txt").write_text(
+            " ".join(
+                f"The {rng.choice(WORDS)} fox number {rng.integers(100)} ran. Was it {rng.choice(WORDS)}?"
+                for _ in range(150)
+            )
+        )
     model, tokenizer, _ = load(root / "titans")
     for i, layer in enumerate(model.layers):
         layer.memory_gate = 0.5 * mx.random.normal(layer.memory_gate.shape, key=mx.random.key(i))
@@ -128,17 +144,51 @@ def test_first_window_loss_is_full_attention_loss(tiny):
 @pytest.mark.benchmark
 def test_cli_writes_every_method_and_bad_input_is_one_error(tiny, tmp_path):
     root, _, _ = tiny
-    common = ["--qwen", str(root / "titans"), "--haystack", str(root / "books"), "--tasks", "passkey", "number",
-              "--samples", "2", "--batch", "2"]
+    common = [
+        "--qwen",
+        str(root / "titans"),
+        "--haystack",
+        str(root / "books"),
+        "--tasks",
+        "passkey",
+        "number",
+        "--samples",
+        "2",
+        "--batch",
+        "2",
+    ]
     out = tmp_path / "niah.json"
-    main([*common, "--adapters", str(root / "adapters"), "--memory-updates", "on", "off", "--lengths", "100", "140",
-          "--perplexity-length", "128", "--perplexity-windows", "2", "--out", str(out)])
+    main(
+        [
+            *common,
+            "--adapters",
+            str(root / "adapters"),
+            "--memory-updates",
+            "on",
+            "off",
+            "--lengths",
+            "100",
+            "140",
+            "--perplexity-length",
+            "128",
+            "--perplexity-windows",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
-    methods = ["stock mlx-lm, full attention", "stock mlx-lm, rotating cache 64+4", "TitansQwen, no adapters",
-               f"TitansQwen + {root / 'adapters'}", f"TitansQwen + {root / 'adapters'}, memory updates off"]
+    methods = [
+        "stock mlx-lm, full attention",
+        "stock mlx-lm, rotating cache 64+4",
+        "TitansQwen, no adapters",
+        f"TitansQwen + {root / 'adapters'}",
+        f"TitansQwen + {root / 'adapters'}, memory updates off",
+    ]
     assert [r["method"] for r in result["rows"]] == [m for m in methods for _ in range(4)]
     assert {(r["task"], r["length"], r["samples"]) for r in result["rows"]} == {
-        (t, n, 2) for t in ("passkey", "number") for n in (100, 140)}
+        (t, n, 2) for t in ("passkey", "number") for n in (100, 140)
+    }
     assert all(0 <= r["accuracy"] <= 1 and r["seconds"] >= 0 for r in result["rows"])
     assert [p["method"] for p in result["perplexity"]] == methods
     losses = {p["method"]: p for p in result["perplexity"]}
@@ -146,11 +196,13 @@ def test_cli_writes_every_method_and_bad_input_is_one_error(tiny, tmp_path):
     assert len({p["beyond_window_loss"] for p in result["perplexity"]}) == 5  # the adapters and the frozen memory
     assert result["titans"]["window"] == 64 and result["settings"]["samples"] == 2 and result["command"]
     assert out.with_suffix(".png").stat().st_size > 0
-    for bad, message in ((["--qwen", str(tmp_path / "none")], "no model directory"),
-                         (["--haystack", str(tmp_path)], "no .txt files"),
-                         (["--lengths", "20"], "too short"),
-                         (["--adapters", str(root / "other")], "trained for another model"),
-                         (["--adapters", str(root / "books")], "is not an adapters folder")):
+    for bad, message in (
+        (["--qwen", str(tmp_path / "none")], "no model directory"),
+        (["--haystack", str(tmp_path)], "no .txt files"),
+        (["--lengths", "20"], "too short"),
+        (["--adapters", str(root / "other")], "trained for another model"),
+        (["--adapters", str(root / "books")], "is not an adapters folder"),
+    ):
         with pytest.raises(SystemExit, match=f"^error: .*{message}"):
             main([*common, "--lengths", "100", *bad, "--out", str(tmp_path / "bad.json")])
     assert not (tmp_path / "bad.json").exists()

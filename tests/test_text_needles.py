@@ -7,8 +7,8 @@ import pytest
 from mlx_titans.text_needles import TASKS, is_answered, make_haystack, make_sample, read_haystack, training_row
 
 TEXT = " ".join(
-    f"Sentence number {i} of the story tells of {w} things. Was it {w}? It was!" for i, w in
-    enumerate(["green", "quiet", "distant", "small", "red", "old"] * 60)
+    f"Sentence number {i} of the story tells of {w} things. Was it {w}? It was!"
+    for i, w in enumerate(["green", "quiet", "distant", "small", "red", "old"] * 60)
 )
 
 
@@ -20,8 +20,10 @@ def tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                        show_progress=False))
+    tok.train_from_iterator(
+        [TEXT],
+        trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 

@@ -16,9 +16,28 @@ from mlx_titans.train import main, parse_settings, resolve_config, save_checkpoi
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore.\n"
-TINY = ["--dim", "32", "--layers", "2", "--heads", "2", "--window", "8", "--persistent-tokens", "2",
-        "--memory", '{"chunk_size": 4, "heads": 2}', "--seq-len", "16", "--batch-size", "4", "--lr", "1e-2",
-        "--eval-batches", "1"]
+TINY = [
+    "--dim",
+    "32",
+    "--layers",
+    "2",
+    "--heads",
+    "2",
+    "--window",
+    "8",
+    "--persistent-tokens",
+    "2",
+    "--memory",
+    '{"chunk_size": 4, "heads": 2}',
+    "--seq-len",
+    "16",
+    "--batch-size",
+    "4",
+    "--lr",
+    "1e-2",
+    "--eval-batches",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +51,9 @@ def corpus(tmp_path_factory):
 
 
 def run(corpus, out, *flags):
-    return main(["--data", str(corpus), "--tokenizer", str(corpus.parent / "tokenizer.json"), "--out", str(out),
-                 *TINY, *flags])
+    return main(
+        ["--data", str(corpus), "--tokenizer", str(corpus.parent / "tokenizer.json"), "--out", str(out), *TINY, *flags]
+    )
 
 
 def test_tokenizer_round_trip_and_split_folders(tmp_path):
@@ -102,8 +122,13 @@ def test_checkpoint_is_written_atomically(corpus, tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no step folder, no temporary folder left
     monkeypatch.undo()
     path = save_checkpoint(training, 1)
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "optimizer.safetensors",
-                                                      "tokenizer.json", "trainer_state.json"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "tokenizer.json",
+        "trainer_state.json",
+    ]
 
 
 def mlx_launch():
@@ -124,11 +149,38 @@ def free_port():
 def test_two_processes_average_gradients(corpus, tmp_path):
     """One step on 2 processes, each on its half of the batch == one process on the whole batch."""
     launcher = mlx_launch()
-    flags = ["--data", str(corpus), "--tokenizer", str(corpus.parent / "tokenizer.json"), *TINY, "--steps", "1",
-             "--warmup", "0"]
-    proc = subprocess.run([launcher, "-n", "2", "--backend", "ring", "--starting-port", str(free_port()),
-                           sys.executable, "-m", "mlx_titans.train", *flags, "--out", str(tmp_path / "two")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    flags = [
+        "--data",
+        str(corpus),
+        "--tokenizer",
+        str(corpus.parent / "tokenizer.json"),
+        *TINY,
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+    ]
+    proc = subprocess.run(
+        [
+            launcher,
+            "-n",
+            "2",
+            "--backend",
+            "ring",
+            "--starting-port",
+            str(free_port()),
+            sys.executable,
+            "-m",
+            "mlx_titans.train",
+            *flags,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # read from the run folder, not mlx.launch's stdout: once in a full CI run its forwarded stdout came back empty
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
@@ -147,8 +199,10 @@ def test_bfloat16_mixed_precision(corpus, tmp_path):
     which takes ~50 s on a machine that never did."""
     mx.disable_compile()
     try:
-        losses = {dtype: run(corpus, tmp_path / dtype, "--dtype", dtype, "--steps", "3", "--warmup", "0")["train_loss"]
-                  for dtype in ("float32", "bfloat16")}
+        losses = {
+            dtype: run(corpus, tmp_path / dtype, "--dtype", dtype, "--steps", "3", "--warmup", "0")["train_loss"]
+            for dtype in ("float32", "bfloat16")
+        }
     finally:
         mx.enable_compile()
     assert losses["bfloat16"] != losses["float32"] and losses["bfloat16"] == pytest.approx(losses["float32"], abs=0.1)
@@ -167,8 +221,16 @@ def copy_task(task, batch, length, rng, vocab, first=1):
 
 
 def test_task_source_and_config_file(tmp_path):
-    settings = {"task": "copy", "task_source": "test_train:copy_task", "task_kwargs": {"first": 2}, "vocab_size": 16,
-                "steps": 2, "warmup": 0, "seed": 3, "lr": 5e-3}
+    settings = {
+        "task": "copy",
+        "task_source": "test_train:copy_task",
+        "task_kwargs": {"first": 2},
+        "vocab_size": 16,
+        "steps": 2,
+        "warmup": 0,
+        "seed": 3,
+        "lr": 5e-3,
+    }
     (tmp_path / "run.json").write_text(json.dumps(settings))
     summary = main(["--config", str(tmp_path / "run.json"), "--out", str(tmp_path / "out"), *TINY, "--steps", "3"])
     assert summary["step"] == 3 and np.isfinite(summary["valid_loss"])
@@ -178,12 +240,37 @@ def test_task_source_and_config_file(tmp_path):
 
 def test_train_is_a_library_call(tmp_path):
     """train(resolve_config(settings)): the command line's run without one; a misspelt setting is refused."""
-    settings = {**parse_settings(TINY), "task": "copy", "task_source": "test_train:copy_task",
-                "task_kwargs": {"first": 2}, "vocab_size": 16, "steps": 2, "warmup": 0, "out": str(tmp_path / "lib")}
+    settings = {
+        **parse_settings(TINY),
+        "task": "copy",
+        "task_source": "test_train:copy_task",
+        "task_kwargs": {"first": 2},
+        "vocab_size": 16,
+        "steps": 2,
+        "warmup": 0,
+        "out": str(tmp_path / "lib"),
+    }
     summary = train(resolve_config(settings))
     assert summary == json.loads((tmp_path / "lib" / "summary.json").read_text()) and summary["step"] == 2
-    cli = main(["--task", "copy", "--task-source", "test_train:copy_task", "--task-kwargs", '{"first": 2}',
-                "--vocab-size", "16", "--steps", "2", "--warmup", "0", "--out", str(tmp_path / "cli"), *TINY])
+    cli = main(
+        [
+            "--task",
+            "copy",
+            "--task-source",
+            "test_train:copy_task",
+            "--task-kwargs",
+            '{"first": 2}',
+            "--vocab-size",
+            "16",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path / "cli"),
+            *TINY,
+        ]
+    )
     same = ("step", "train_loss", "valid_loss", "tokens", "parameters")
     assert {k: cli[k] for k in same} == {k: summary[k] for k in same}
     with pytest.raises(ValueError, match="unknown settings"):
@@ -206,8 +293,22 @@ def test_bad_inputs_give_one_error_line(case, tmp_path, capsys):
 
 
 def test_command_line_exit_status(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mlx_titans.train", "--data", str(tmp_path / "nowhere"),
-                           "--vocab-size", "300", "--out", str(tmp_path / "out")],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_titans.train",
+            "--data",
+            str(tmp_path / "nowhere"),
+            "--vocab-size",
+            "300",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip() == f"error: data folder {tmp_path / 'nowhere'} does not exist"

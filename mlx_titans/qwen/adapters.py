@@ -23,8 +23,15 @@ from .model import is_memory_weight
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapters.safetensors"
 FINE_TUNE_TYPE = "titans_memory"
-LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-             "mlp.up_proj", "mlp.down_proj"]  # the base's linears: never the memory's
+LORA_KEYS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]  # the base's linears: never the memory's
 
 
 def lora_parameters(rank: int, scale: float) -> dict:
@@ -47,15 +54,21 @@ def make_trainable(model, lora_layers: int = 0, lora_rank: int = 8, lora_scale: 
 
 def adapter_weights(model) -> dict:
     """The trained weights: the memory layers' and LoRA's."""
-    return {k: v for k, v in tree_flatten(model.parameters())
-            if is_memory_weight(k) or k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
+    return {
+        k: v
+        for k, v in tree_flatten(model.parameters())
+        if is_memory_weight(k) or k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")
+    }
 
 
 def adapter_config(model, lora_layers: int, lora_rank: int, lora_scale: float, settings: dict) -> dict:
     description = model.description()
-    return {"fine_tune_type": FINE_TUNE_TYPE, "num_layers": lora_layers,
-            "lora_parameters": lora_parameters(lora_rank, lora_scale),
-            "titans": {"base_fingerprint": fingerprint(description), "base": description, "training": settings}}
+    return {
+        "fine_tune_type": FINE_TUNE_TYPE,
+        "num_layers": lora_layers,
+        "lora_parameters": lora_parameters(lora_rank, lora_scale),
+        "titans": {"base_fingerprint": fingerprint(description), "base": description, "training": settings},
+    }
 
 
 def read_adapter_config(path) -> dict:
@@ -69,8 +82,10 @@ def read_adapter_config(path) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON ({e})") from None
     if config.get("fine_tune_type") != FINE_TUNE_TYPE:
-        raise ValueError(f"{path} holds {config.get('fine_tune_type', 'lora')!r} adapters, not TitansQwen memory "
-                         "adapters (load those with mlx_lm)")
+        raise ValueError(
+            f"{path} holds {config.get('fine_tune_type', 'lora')!r} adapters, not TitansQwen memory "
+            "adapters (load those with mlx_lm)"
+        )
     return config
 
 

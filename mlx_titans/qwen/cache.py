@@ -39,9 +39,17 @@ class TitansCache(_BaseCache):
 
     @property
     def state(self):
-        return {"keys": self.keys, "values": self.values, "unrotated": self.unrotated, "offset": self.offset,
-                "shift": self.shift, "sink_tokens": self.sink_tokens, "window": self.window,
-                "segment_size": self.segment_size, "memory": None if self.memory is None else self.memory.to_tree()}
+        return {
+            "keys": self.keys,
+            "values": self.values,
+            "unrotated": self.unrotated,
+            "offset": self.offset,
+            "shift": self.shift,
+            "sink_tokens": self.sink_tokens,
+            "window": self.window,
+            "segment_size": self.segment_size,
+            "memory": None if self.memory is None else self.memory.to_tree(),
+        }
 
     @state.setter
     def state(self, v):

@@ -25,6 +25,7 @@ class TitansQwenConfig:
     @classmethod
     def from_section(cls, section: dict, num_layers: int, hidden_size: int) -> "TitansQwenConfig":
         """Resolve a (possibly partial or empty) titans section against the defaults and check it."""
+
         def bad(msg):
             raise ValueError(f"titans config: {msg}")
 
@@ -55,5 +56,10 @@ class TitansQwenConfig:
     def to_section(self) -> dict:
         memory = self.memory.to_dict()
         del memory["dim"]
-        return {"memory_layers": list(self.memory_layers), "window": self.window, "sink_tokens": self.sink_tokens,
-                "segment_size": self.segment_size, "memory": memory}
+        return {
+            "memory_layers": list(self.memory_layers),
+            "window": self.window,
+            "sink_tokens": self.sink_tokens,
+            "segment_size": self.segment_size,
+            "memory": memory,
+        }

@@ -46,8 +46,9 @@ def fetch(hf_path: str) -> Path:
         return Path(snapshot_download(hf_path, allow_patterns=DEFAULT_ALLOW_PATTERNS))
     except Exception as e:  # offline, unknown repo, gated, network: all end the conversion the same way
         reason = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else type(e).__name__
-        raise ValueError(f"{hf_path} is not a local directory and the Hugging Face Hub cannot provide it ({reason})") \
-            from None
+        raise ValueError(
+            f"{hf_path} is not a local directory and the Hugging Face Hub cannot provide it ({reason})"
+        ) from None
 
 
 def cast(model, dtype: str):
@@ -108,10 +109,18 @@ def save_folder(out: Path, src: Path, model, tokenizer, config: dict) -> None:
 
 def titans_section(args) -> dict:
     """The titans options given on the command line (the rest take TitansQwenConfig's defaults)."""
-    top = {"memory_layers": args.memory_layers, "window": args.window, "sink_tokens": args.sink_tokens,
-           "segment_size": args.segment_size}
-    memory = {"chunk_size": args.chunk_size, "heads": args.memory_heads, "dim_head": args.memory_dim_head,
-              "depth": args.memory_depth}
+    top = {
+        "memory_layers": args.memory_layers,
+        "window": args.window,
+        "sink_tokens": args.sink_tokens,
+        "segment_size": args.segment_size,
+    }
+    memory = {
+        "chunk_size": args.chunk_size,
+        "heads": args.memory_heads,
+        "dim_head": args.memory_dim_head,
+        "depth": args.memory_depth,
+    }
     section = {k: v for k, v in top.items() if v is not None}
     memory = {**args.memory, **{k: v for k, v in memory.items() if v is not None}}
     return {**section, "memory": memory} if memory else section
@@ -119,7 +128,8 @@ def titans_section(args) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Convert a Hugging Face Qwen2/Qwen2.5/Qwen3 model to TitansQwen (MLX).")
+        description="Convert a Hugging Face Qwen2/Qwen2.5/Qwen3 model to TitansQwen (MLX)."
+    )
     parser.add_argument("--hf-path", "--model", required=True, help="local HF directory or Hugging Face Hub id")
     parser.add_argument("--mlx-path", default="mlx_model", help="output directory (must not exist)")
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize the base model (not the memory)")
@@ -135,15 +145,21 @@ def main(argv=None):
     titans.add_argument("--memory-heads", type=int, help="memory heads")
     titans.add_argument("--memory-dim-head", type=int, help="memory head size")
     titans.add_argument("--memory-depth", type=int, help="memory MLP depth (1: linear memory)")
-    titans.add_argument("--memory", type=json_arg, default={},
-                        help='other MemoryConfig fields as JSON, e.g. \'{"max_decay": 0.1, "init_decay_bias": -4}\'')
+    titans.add_argument(
+        "--memory",
+        type=json_arg,
+        default={},
+        help='other MemoryConfig fields as JSON, e.g. \'{"max_decay": 0.1, "init_decay_bias": -4}\'',
+    )
     args = parser.parse_args(argv)
-    code = run_reporting_errors(lambda: convert(args.hf_path, args.mlx_path, args.quantize, args.q_bits,
-                                                args.q_group_size, args.dtype, titans_section(args)))
+    code = run_reporting_errors(
+        lambda: convert(
+            args.hf_path, args.mlx_path, args.quantize, args.q_bits, args.q_group_size, args.dtype, titans_section(args)
+        )
+    )
     if code == 0:
         print(f"wrote {args.mlx_path}")
     return code
-
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ def read_qwen_config(path: Path) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}/config.json is not valid JSON ({e})") from None
     if config.get("model_type") not in QWEN_TYPES:
-        raise ValueError(f"{path} holds a {config.get('model_type')!r} model, not Qwen2/Qwen2.5/Qwen3 "
-                         "(model_type qwen2 or qwen3)")
+        raise ValueError(
+            f"{path} holds a {config.get('model_type')!r} model, not Qwen2/Qwen2.5/Qwen3 (model_type qwen2 or qwen3)"
+        )
     return config
 
 
@@ -34,8 +35,9 @@ def build_model(path: Path, titans: dict, lazy: bool = False):
     """mlx-lm's load_model with TitansQwen classes, then the memory weights from MEMORY_WEIGHTS when present.
     Returns (model, config) with the resolved titans section in config."""
     try:
-        model, config = load_model(path, lazy=True, model_config={"titans": titans},
-                                   get_model_classes=get_model_classes)
+        model, config = load_model(
+            path, lazy=True, model_config={"titans": titans}, get_model_classes=get_model_classes
+        )
         if (path / MEMORY_WEIGHTS).exists():
             load_memory_weights(model, path / MEMORY_WEIGHTS)
         if not lazy:

@@ -77,8 +77,9 @@ class MemoryBlock:
             self.memory_gate = mx.zeros((args.hidden_size,))
             # the read's modules as implicit inputs (their weights as they are at each call), not the whole
             # block's: fewer arrays to flatten per call, and decode is host bound
-            self._read_step = mx.compile(self._read_step_eager,
-                                         inputs=[self.memory.state, self.post_attention_layernorm.state])
+            self._read_step = mx.compile(
+                self._read_step_eager, inputs=[self.memory.state, self.post_attention_layernorm.state]
+            )
 
     def __call__(self, x, mask, cache: TitansCache):
         h = x + window_attention(self.self_attn, self.input_layernorm(x), mask, cache)
@@ -141,8 +142,7 @@ class TitansQwen:
         return {"model": "TitansQwen", "base": base, "titans": self.titans.to_section()}
 
     def make_cache(self) -> list:
-        return [TitansCache(self.titans.sink_tokens, self.titans.window, self.titans.segment_size)
-                for _ in self.layers]
+        return [TitansCache(self.titans.sink_tokens, self.titans.window, self.titans.segment_size) for _ in self.layers]
 
     def sanitize(self, weights):
         """mlx-lm's sanitize; memory weights the checkpoint lacks keep their initial values (gate closed)."""
@@ -177,4 +177,3 @@ def get_model_classes(config: dict):
     if config.get("model_type") not in QWEN_TYPES:
         raise ValueError(f"TitansQwen supports model_type qwen2 and qwen3, not {config.get('model_type')!r}")
     return _classes(config["model_type"])
-

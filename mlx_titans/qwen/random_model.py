@@ -39,21 +39,42 @@ def make_tokenizer(out: Path, vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        show_progress=False,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS * 50, trainer)
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "bos_token": None, "chat_template": CHAT_TEMPLATE,
-    }))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "bos_token": None,
+                "chat_template": CHAT_TEMPLATE,
+            }
+        )
+    )
     return tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
 
 
-def make_tiny_qwen(out, arch="qwen2", hidden=64, layers=2, heads=4, kv_heads=2, inter=128, vocab=1000, tie=False,
-                   model_type=None, seed=0) -> Path:
+def make_tiny_qwen(
+    out,
+    arch="qwen2",
+    hidden=64,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    inter=128,
+    vocab=1000,
+    tie=False,
+    model_type=None,
+    seed=0,
+) -> Path:
     """Write a random `arch` ("qwen2": q/k/v bias; "qwen3": q/k norms, head_dim) checkpoint into `out`.
     model_type overrides config.json's (to make a checkpoint that is not Qwen)."""
     out = Path(out)
@@ -88,11 +109,21 @@ def make_tiny_qwen(out, arch="qwen2", hidden=64, layers=2, heads=4, kv_heads=2, 
         w[f"{p}post_attention_layernorm.weight"] = ones(hidden)
     save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = {
-        "architectures": [f"{arch.capitalize()}ForCausalLM"], "model_type": model_type or arch,
-        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
-        "max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": tie,
-        "torch_dtype": "bfloat16", "bos_token_id": pad, "eos_token_id": eos,
+        "architectures": [f"{arch.capitalize()}ForCausalLM"],
+        "model_type": model_type or arch,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1e6,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": tie,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": pad,
+        "eos_token_id": eos,
         **({"head_dim": head_dim} if arch == "qwen3" else {}),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -101,15 +132,47 @@ def make_tiny_qwen(out, arch="qwen2", hidden=64, layers=2, heads=4, kv_heads=2, 
 
 
 PRESETS = {  # the shapes of the Hugging Face configs
-    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, intermediate_size=4864,
-                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, num_hidden_layers=28, intermediate_size=18944,
-                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, num_hidden_layers=36, intermediate_size=12288,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                     tie_word_embeddings=False),
-    "tiny": dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2",
+        hidden_size=896,
+        num_hidden_layers=24,
+        intermediate_size=4864,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-7b": dict(
+        model_type="qwen2",
+        hidden_size=3584,
+        num_hidden_layers=28,
+        intermediate_size=18944,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
+    "qwen3-8b": dict(
+        model_type="qwen3",
+        hidden_size=4096,
+        num_hidden_layers=36,
+        intermediate_size=12288,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        tie_word_embeddings=False,
+    ),
+    "tiny": dict(
+        model_type="qwen2",
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        tie_word_embeddings=True,
+    ),
 }
 COMMON = dict(rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768)
 
