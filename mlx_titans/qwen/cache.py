@@ -3,7 +3,6 @@
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import _BaseCache
 from mlx_lm.models.rope_utils import Llama3RoPE
 
 from ..neural_memory import MemoryState
@@ -15,7 +14,7 @@ def composable(rope) -> bool:
     return type(rope) in (nn.RoPE, Llama3RoPE)
 
 
-class TitansCache(_BaseCache):
+class TitansCache:
     """One layer's context: the keys and values of the sinks, of the `window` tokens before the current segment and
     of the segment so far, and the layer's NeuralMemory state (None in layers without memory).
 
@@ -58,6 +57,16 @@ class TitansCache(_BaseCache):
         self._size = 0 if self._k is None else self._k.shape[2]
         self.offset, self.shift = v["offset"], v["shift"]
         self.memory = None if v["memory"] is None else MemoryState.from_tree(v["memory"])
+
+    @classmethod
+    def from_state(cls, state) -> "TitansCache":
+        """A cache holding `state` (mlx-lm's loader calls this)."""
+        cache = cls.__new__(cls)
+        cache.state = state
+        return cache
+
+    def is_trimmable(self) -> bool:
+        return False
 
     def size(self) -> int:
         """The keys held: the sinks, then a contiguous run of recent tokens."""
