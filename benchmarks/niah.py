@@ -26,6 +26,7 @@ first segment whose attention misses a token: TitansQwenConfig.first_beyond_wind
 """
 
 import argparse
+import json
 import math
 import shlex
 import sys
@@ -218,6 +219,7 @@ def main(argv=None):
         "--models", nargs="+", help="TitansLM checkpoint folders, or training runs (their newest checkpoint)"
     )
     models.add_argument("--qwen", help="a TitansQwen folder (mlx_titans.qwen.convert), or a plain Qwen one")
+    models.add_argument("--replot", metavar="JSON", help="only draw the plots of a result this command wrote, again")
     p.add_argument("--tasks", nargs="+", help="default: passkey number word (--models), passkey number (--qwen)")
     p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192, 16384], help="prompt tokens")
     p.add_argument("--samples", type=int, default=100, help="samples per task and length")
@@ -264,6 +266,8 @@ def main(argv=None):
     qwen.add_argument("--perplexity-length", type=int, help="also the held-out loss of windows of this many tokens")
     qwen.add_argument("--perplexity-windows", type=int, default=16)
     args = p.parse_args(argv)
+    if args.replot:
+        return replot(args.replot)
     args.tasks = args.tasks or (["passkey", "number", "word"] if args.models else ["passkey", "number"])
 
     results, plot_options = titans_lm(args) if args.models else titans_qwen(args)
@@ -271,8 +275,25 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     write_json_atomic(out, {"device": device_name(), "command": shlex.join(sys.argv), "settings": settings, **results})
-    plot(results["rows"], out.with_suffix(".png"), **plot_options)
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    plots(results["rows"], out, plot_options)
+
+
+def plots(rows, out: Path, options: dict) -> None:
+    """OUT.png (accuracy against length), and OUT_answer_loss.png when the rows have answer losses."""
+    plot(rows, out.with_suffix(".png"), **options)
+    written = [out.with_suffix(".png")]
+    if rows and "answer_loss" in rows[0]:
+        written.append(out.with_name(out.stem + "_answer_loss.png"))
+        plot(rows, written[-1], value="answer_loss", **options)
+    print(f"wrote {out} and " + " and ".join(map(str, written)))
+
+
+def replot(path) -> None:
+    """The plots of a result written by this command, again (python -m benchmarks.niah --replot OUT.json)."""
+    result = json.loads(Path(path).read_text())
+    qwen = "titans" in result
+    options = {"line": "method", "window": result["titans"]["window"]} if qwen else {}
+    plots(result["rows"], Path(path), options)
 
 
 if __name__ == "__main__":

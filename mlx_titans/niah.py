@@ -34,9 +34,10 @@ def accuracy(model, task, length, samples, batch, seed, block, haystack=None) ->
     return float(np.mean(hits))
 
 
-def plot(rows, path, line="model", window=None):
+def plot(rows, path, line="model", window=None, value="accuracy"):
     """Accuracy (%) against context length, a panel per task and a line per `line` (rows' key naming the model),
-    into the image file `path`; rows: {line, "task", "length", "accuracy"}. `window`: an attention window to mark."""
+    into the image file `path`; rows: {line, "task", "length", "accuracy"}. `window`: an attention window to mark.
+    value="answer_loss": the rows' answer loss (nats per answer token) instead of the accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,7 +49,8 @@ def plot(rows, path, line="model", window=None):
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks) + 1.6, 3.4), squeeze=False, sharey=True)
     for ax, task in zip(axes[0], tasks):
         for model, colour in zip(models, colours):
-            pts = sorted((r["length"], 100 * r["accuracy"]) for r in rows if r["task"] == task and r[line] == model)
+            scale = 100 if value == "accuracy" else 1
+            pts = sorted((r["length"], scale * r[value]) for r in rows if r["task"] == task and r[line] == model)
             ax.plot(*zip(*pts), marker="o", label=model, color=colour)
         if window is not None:
             ax.axvline(window, color="grey", linestyle="--", label=f"attention window ({window})")
@@ -56,7 +58,7 @@ def plot(rows, path, line="model", window=None):
         ax.set_title(task)
         ax.set_xlabel("context length (tokens)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][0].set_ylabel("accuracy (%)" if value == "accuracy" else "answer loss (nats per token)")
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -196,6 +196,11 @@ def test_cli_writes_every_method_and_bad_input_is_one_error(tiny, tmp_path):
     assert len({p["beyond_window_loss"] for p in result["perplexity"]}) == 5  # the adapters and the frozen memory
     assert result["titans"]["window"] == 64 and result["settings"]["samples"] == 2 and result["command"]
     assert out.with_suffix(".png").stat().st_size > 0
+    loss_plot = tmp_path / "niah_answer_loss.png"
+    assert loss_plot.stat().st_size > 0 and all(r["answer_loss"] > 0 for r in result["rows"])
+    loss_plot.unlink()
+    main(["--replot", str(out)])  # the plots again from the JSON alone
+    assert loss_plot.stat().st_size > 0
     for bad, message in (
         (["--qwen", str(tmp_path / "none")], "no model directory"),
         (["--haystack", str(tmp_path)], "no .txt files"),
