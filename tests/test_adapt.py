@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,7 +17,7 @@ from mlx_titans.qwen.adapters import make_trainable
 from mlx_titans.qwen.convert import convert
 from mlx_titans.qwen.random_model import make_tiny_qwen
 from mlx_titans.tokenizer import EOS
-from test_train import REPO, free_port, mlx_launch
+from test_train import launch_two
 
 SMALL = {
     "memory_layers": [0, 1],
@@ -275,32 +273,13 @@ def test_two_processes_train_as_one(base, tmp_path):
     Exact to ~2e-6 with MLX's own CPU matmuls; with openblas preloaded a 1-row and a 2-row matmul round differently
     and the bfloat16 base's gradients differ by ~1% (in one process too), so the adapters (Adam's first step) do not
     agree to 1e-5 there."""
-    launcher = mlx_launch()
     opened = tmp_path / "opened"
     shutil.copytree(base / "titans", opened)
     model, _, _ = load(opened)
     open_gates(model)
     mx.save_safetensors(str(opened / MEMORY_WEIGHTS), memory_weights(model))
     extra = ["--iters", "1", "--warmup", "0", "--lora-layers", "1", "--lora-rank", "2", "--model", opened]
-    proc = subprocess.run(
-        [
-            launcher,
-            "-n",
-            "2",
-            "--backend",
-            "ring",
-            "--starting-port",
-            str(free_port()),
-            sys.executable,
-            "-m",
-            "mlx_titans.adapt",
-            *flags(base, tmp_path / "two", *extra),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = launch_two("mlx_titans.adapt", *flags(base, tmp_path / "two", *extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert adapt(flags(base, tmp_path / "one", *extra)) == 0
     one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))

@@ -131,24 +131,23 @@ def test_checkpoint_is_written_atomically(corpus, tmp_path, monkeypatch):
     ]
 
 
-def mlx_launch():
+def launch_two(module: str, *args):
+    """`python -m module args` on 2 local processes under mlx.launch (ring backend, a free port), from the repo root;
+    skips where mlx.launch or the ring backend is missing. Returns the finished process."""
     launcher = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or shutil.which("mlx.launch")
     if launcher is None:
         pytest.skip("mlx.launch is not installed")
     if not mx.distributed.is_available("ring"):
         pytest.skip("MLX was built without the ring distributed backend")
-    return launcher
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [launcher, "-n", "2", "--backend", "ring", "--starting-port", str(port), sys.executable, "-m", module]
+    return subprocess.run([*command, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def test_two_processes_average_gradients(corpus, tmp_path):
     """One step on 2 processes, each on its half of the batch == one process on the whole batch."""
-    launcher = mlx_launch()
     flags = [
         "--data",
         str(corpus),
@@ -160,27 +159,7 @@ def test_two_processes_average_gradients(corpus, tmp_path):
         "--warmup",
         "0",
     ]
-    proc = subprocess.run(
-        [
-            launcher,
-            "-n",
-            "2",
-            "--backend",
-            "ring",
-            "--starting-port",
-            str(free_port()),
-            sys.executable,
-            "-m",
-            "mlx_titans.train",
-            *flags,
-            "--out",
-            str(tmp_path / "two"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = launch_two("mlx_titans.train", *flags, "--out", tmp_path / "two")
     assert proc.returncode == 0, proc.stderr[-3000:]
     # read from the run folder, not mlx.launch's stdout: once in a full CI run its forwarded stdout came back empty
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
