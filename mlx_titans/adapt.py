@@ -212,17 +212,11 @@ def validation_batches(c: dict, stream, haystack, tokenizer) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
-def first_beyond_window(titans) -> int:
-    """The first position whose attention no longer sees every token before it: the start of the first segment
-    whose window begins after the sinks."""
-    return ((titans.window + titans.sink_tokens) // titans.segment_size + 1) * titans.segment_size
-
-
 def evaluate(model, batches, group) -> dict:
     """Held-out mean losses: text tokens, text tokens beyond the window, needle answers (each process its rows)."""
     sums = {"text": mx.array(0.0), "beyond_window": mx.array(0.0), "answer": mx.array(0.0)}
     counts = {k: mx.array(0.0) for k in sums}
-    blind = first_beyond_window(model.titans)
+    blind = model.titans.first_beyond_window
     for batch in batches:
         inputs, targets, weights, answer_rows = (mx.array(a) for a in shard(batch, group.rank(), group.size()))
         cache, size = model.make_cache(), model.titans.segment_size
