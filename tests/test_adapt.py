@@ -37,14 +37,19 @@ def base(tmp_path_factory):
     convert(root / "hf", root / "titans", quantize=True, titans=SMALL)
     rng = np.random.default_rng(0)
     for split, n in (("train", 6), ("valid", 2)):
-        (root / "docs" / split).mkdir(parents=True)
-        for i in range(n):
-            text = " ".join(
-                f"The {rng.choice(WORDS)} fox number {rng.integers(100)} ran. Was it {rng.choice(WORDS)}?"
-                for _ in range(120)
-            )
-            (root / "docs" / split / f"{i}.txt").write_text(text)
+        write_stories(root / "docs" / split, n, 120, rng)
     return root
+
+
+def write_stories(folder, files: int, sentences: int, rng):
+    """`files` .txt documents of `sentences` random short sentences each, into `folder`."""
+    folder.mkdir(parents=True)
+    for i in range(files):
+        text = " ".join(
+            f"The {rng.choice(WORDS)} fox number {rng.integers(100)} ran. Was it {rng.choice(WORDS)}?"
+            for _ in range(sentences)
+        )
+        (folder / f"{i}.txt").write_text(text)
 
 
 @pytest.fixture(autouse=True)

@@ -24,6 +24,7 @@ from mlx_titans.text_eval import (
     window_losses,
 )
 from mlx_titans.text_needles import read_haystack
+from test_adapt import write_stories
 
 SMALL = {
     "memory_layers": [0, 1],
@@ -32,7 +33,6 @@ SMALL = {
     "segment_size": 32,
     "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8},
 }
-WORDS = ["green", "quiet", "distant", "small", "red", "old", "bright", "heavy"]
 
 
 def write_adapters(model, folder):
@@ -50,15 +50,7 @@ def tiny(tmp_path_factory):
     convert(root / "hf", root / "titans", dtype="float32", titans=SMALL)
     file = str(root / "titans" / "model.safetensors")
     mx.save_safetensors(file, {k: 5 * w if w.ndim == 2 else w for k, w in mx.load(file).items()})
-    rng = np.random.default_rng(0)
-    (root / "books").mkdir()
-    for i in range(2):
-        (root / "books" / f"{i}.txt").write_text(
-            " ".join(
-                f"The {rng.choice(WORDS)} fox number {rng.integers(100)} ran. Was it {rng.choice(WORDS)}?"
-                for _ in range(150)
-            )
-        )
+    write_stories(root / "books", 2, 150, np.random.default_rng(0))
     model, tokenizer, _ = load(root / "titans")
     for i, layer in enumerate(model.layers):
         layer.memory_gate = 0.5 * mx.random.normal(layer.memory_gate.shape, key=mx.random.key(i))
