@@ -14,9 +14,11 @@ from mlx_titans.fuse import main as fuse
 from mlx_titans.generate import main as generate
 from mlx_titans.qwen import MEMORY_WEIGHTS, load, memory_weights
 from mlx_titans.qwen.adapters import make_trainable
+from mlx_titans.qwen.config import QWEN_TYPES
 from mlx_titans.qwen.convert import convert
 from mlx_titans.qwen.random_model import make_tiny_qwen
 from mlx_titans.tokenizer import EOS
+from test_qwen import titans_model
 from test_train import launch_two
 
 SMALL = {
@@ -117,6 +119,19 @@ def test_segment_by_segment_gives_the_unrolled_gradients(base):
     assert all(mx.array_equal(a[k], b[k]).item() for k in a)
     assert mx.abs(a["model.layers.0.memory.to_keys.weight"]).max().item() > 1e-4
     assert not any("self_attn" in k or "mlp" in k for k in a)  # the base is frozen
+
+
+@pytest.mark.parametrize("arch", list(QWEN_TYPES)[2:])  # qwen3: above
+def test_every_qwen_type_trains_only_its_memory_segment_by_segment(hf, arch):
+    """On each type's layers (MoE experts and routers) only the memory layers train, and the segment-by-segment
+    gradients equal the whole graph's."""
+    model = titans_model(hf[arch])
+    make_trainable(model)
+    open_gates(model)
+    (loss_a, a), (loss_b, b) = gradients(model, segmented=False), gradients(model, segmented=True)
+    assert loss_a.item() == loss_b.item() and set(a) == set(b) == set(memory_weights(model))
+    assert all(mx.allclose(a[k], b[k], rtol=1e-5, atol=1e-7).item() for k in a)
+    assert all(mx.abs(a[k]).max().item() > 0 for k in a if k.endswith("memory.to_keys.weight"))
 
 
 def test_memory_updates_off_leave_the_store_path_without_gradient(base):

@@ -1,4 +1,6 @@
-"""TitansQwen (mlx_titans/qwen/: cache, model, loading, cache files) on tiny random Qwen2 / Qwen3 checkpoints."""
+"""TitansQwen (mlx_titans/qwen/: cache, model, loading, cache files) on tiny random checkpoints of every Qwen type it
+supports (the windowed attention against a slow reference on Qwen2 / Qwen3, the other types against one call and
+stock mlx-lm)."""
 
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from mlx_lm.utils import load_model
 from mlx_titans import load_prompt_cache, prefill
 from mlx_titans.prompt_cache import load_cache_file, save_cache_file
 from mlx_titans.qwen import TitansCache, get_model_classes, load
+from mlx_titans.qwen.config import QWEN_TYPES
 from mlx_titans.qwen.random_model import make_tiny_qwen
 from test_qwen_convert import corrupt_checkpoint
 
@@ -120,14 +123,14 @@ def test_cache_keys_sit_at_their_positions(rope):
 def test_load_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="no model directory"):
         load(tmp_path / "nope")
-    with pytest.raises(ValueError, match="not Qwen2"):
+    with pytest.raises(ValueError, match="'llama' model; TitansQwen supports model_type qwen2, qwen3, qwen2_moe"):
         load(make_tiny_qwen(tmp_path / "llama", model_type="llama"))
     with pytest.raises(ValueError, match="cannot read the weights"):
         load(corrupt_checkpoint(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------------- model
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mlx-4bit"])
+@pytest.mark.parametrize("arch", [*QWEN_TYPES, "mlx-4bit"])
 def test_gate_closed_equals_stock_qwen_within_window(hf, arch):
     model, _, config = load(hf[arch])  # a plain HF / mlx-lm directory: default titans section, untrained memory
     assert config["titans"]["memory_layers"] == [0, 1]
@@ -151,6 +154,19 @@ def test_beyond_window_equals_reference(hf, arch, gate):
         assert_close(ours, reference)
     unbounded = feed(titans_model(hf[arch], gate, window=100), tokens, [72])
     assert np.abs(np.array(ours - unbounded)).max() > 100 * 2e-5  # the window changes the outputs
+
+
+@pytest.mark.parametrize("arch", QWEN_TYPES)
+def test_any_split_equals_one_call(hf, arch):
+    """Every type, the memory read (gate open), beyond the window: any split of the input into calls, one token at a
+    time included, gives the outputs of one call; and the window changes them."""
+    model = titans_model(hf[arch], 0.05)
+    tokens = prompt(72)  # window 16 + 4 sinks: evicting from token 21 on
+    one_call = feed(model, tokens, [72])
+    for lengths in ([20, 13, 7, 1, 1, 16, 14], [5] * 14 + [2], [1] * 72):
+        assert_close(feed(model, tokens, lengths), one_call)
+    unbounded = feed(titans_model(hf[arch], 0.05, window=100), tokens, [72])
+    assert np.abs(np.array(one_call - unbounded)).max() > 100 * 2e-5
 
 
 def test_segmented_prefill_equals_whole_and_drives_stream_generate(hf):
@@ -212,19 +228,22 @@ def test_cached_decode_equals_uncached_forward(hf):
     assert_close(model(tokens[:, -1:], cache)[:, -1], model(tokens)[:, -1])
 
 
-def test_memory_state_out_and_in_continues_exactly(hf, tmp_path):
+@pytest.mark.parametrize("arch", QWEN_TYPES)
+def test_memory_state_out_and_in_continues_exactly(hf, tmp_path, arch):
     first, then = prompt(45), prompt(21, seed=1)  # beyond the window, memory mid-chunk
-    model = titans_model(hf["qwen2"], 0.05)
+    model = titans_model(hf[arch], 0.05)
     cache = model.make_cache()
     prefill(model, first, cache)
     save_cache_file(tmp_path / "state.safetensors", model, cache)
     expected = model(then, cache)
 
-    second_run = titans_model(hf["qwen2"], 0.05)
+    second_run = titans_model(hf[arch], 0.05)
     restored = load_cache_file(tmp_path / "state.safetensors", second_run)
-    assert [c.offset for c in restored] == [45, 45]
+    assert [type(c) for c in restored] == [type(c) for c in cache]
     assert mx.array_equal(second_run(then, restored), expected)
-    assert [c.keys.shape[2] for c in restored] == [4 + 16 + 2] * 2  # sinks, tokens 48..63, the segment's 64, 65
+    attention = [c for c in restored if isinstance(c, TitansCache)]
+    assert [c.offset for c in attention] == [66] * len(attention)
+    assert [c.keys.shape[2] for c in attention] == [4 + 16 + 2] * len(attention)  # sinks, 48..63, the segment's 64, 65
 
 
 def test_mlx_lm_prompt_cache_file_continues_exactly(hf, tmp_path):
@@ -247,7 +266,7 @@ def test_memory_state_of_another_model_is_refused(hf, tmp_path):
     cache = model.make_cache()
     prefill(model, prompt(10), cache)
     save_cache_file(tmp_path / "state.safetensors", model, cache)
-    for other in (titans_model(hf["qwen2"], window=32), titans_model(hf["qwen3"])):
+    for other in (titans_model(hf["qwen2"], window=32), titans_model(hf["qwen3"]), titans_model(hf["qwen2_moe"])):
         with pytest.raises(ValueError, match="saved for another model"):
             load_cache_file(tmp_path / "state.safetensors", other)
     with pytest.raises(ValueError, match="not a TitansQwen memory state"):

@@ -1,4 +1,5 @@
-"""The TitansQwen converter (mlx_titans/qwen/convert.py, convert/qwen.py) on tiny random Qwen2 / Qwen3 checkpoints."""
+"""The TitansQwen converter (mlx_titans/qwen/convert.py, convert/qwen.py) on tiny random checkpoints of every Qwen
+type it supports."""
 
 import os
 import subprocess
@@ -11,15 +12,18 @@ import mlx_lm
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.generate import stream_generate
+from mlx_lm.models.switch_layers import SwitchLinear
 
 import mlx_titans.qwen.convert as converter
+from mlx_titans.generate import main as generate
 from mlx_titans.qwen import load, memory_weights
+from mlx_titans.qwen.config import QWEN_TYPES
 from mlx_titans.qwen.random_model import make_tiny_qwen
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", QWEN_TYPES)
 def test_convert_quantized_then_load_generate_and_stock_load(hf, arch, tmp_path):
     out = tmp_path / "out"
     rc = converter.main(
@@ -49,9 +53,10 @@ def test_convert_quantized_then_load_generate_and_stock_load(hf, arch, tmp_path)
     assert load(out, window=8)[0].titans.window == 8
     model, tokenizer, config = load(out)
     assert config["titans"]["memory_layers"] == [1] and config["titans"]["window"] == 24
-    for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        assert all(isinstance(m, nn.QuantizedLinear) for m in (attn.q_proj, attn.o_proj, mlp.up_proj, mlp.down_proj))
+    base = [(name, m) for name, m in model.named_modules() if ".memory" not in name]
+    assert not any(isinstance(m, (nn.Linear, SwitchLinear)) for _, m in base)  # every base linear (and expert) 4-bit
+    routers = {m.bits for name, m in base if name.endswith(("mlp.gate", "shared_expert_gate"))}
+    assert routers <= {8} if arch == "qwen3_moe" else routers <= {4}  # mlx-lm's choice
     memory = model.layers[1].memory
     assert "memory" not in model.layers[0]
     assert not any(isinstance(m, nn.QuantizedLinear) for _, m in memory.named_modules())
@@ -79,7 +84,10 @@ def corrupt_checkpoint(root):
 
 BAD_SOURCES = {
     "missing path": (lambda root: str(root / "nope"), "does not exist"),
-    "non-Qwen": (lambda root: str(make_tiny_qwen(root / "llama", model_type="llama")), "not Qwen2"),
+    "non-Qwen": (
+        lambda root: str(make_tiny_qwen(root / "llama", model_type="llama")),
+        f"'llama' model; TitansQwen supports model_type {', '.join(QWEN_TYPES)}",
+    ),
     "corrupt safetensors": (corrupt_checkpoint, "cannot read the weights"),
 }
 
@@ -131,3 +139,28 @@ def test_convert_refuses_existing_output_and_leaves_nothing_on_interrupt(hf, tmp
     monkeypatch.setattr(converter, "save", interrupted_save)
     assert converter.main(["--hf-path", str(hf["qwen2"]), "--mlx-path", str(tmp_path / "out")]) == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+@pytest.mark.parametrize("arch", list(QWEN_TYPES)[2:])  # qwen2, qwen3: test_generate, test_adapt
+def test_generate_runs_a_converted_model_and_its_memory_state(hf, arch, tmp_path, capsys):
+    """mlx_titans.generate on a converted model of each type: a document through its bounded cache, the state out,
+    a later run from it; a state of another model type is refused in one error line."""
+    titans = {"memory_layers": [0, 1], "window": 16, "segment_size": 16, "memory": {"heads": 2, "chunk_size": 8}}
+    converter.convert(hf[arch], tmp_path / "q", quantize=True, titans=titans)
+    (tmp_path / "doc.txt").write_text("Titans neural memory learns at test time. " * 30)
+    state, other = tmp_path / "s.safetensors", "qwen3_moe" if arch != "qwen3_moe" else "qwen2_moe"
+    argv = ["--model", str(tmp_path / "q"), "--file", str(tmp_path / "doc.txt"), "-m", "2"]
+    assert generate(argv + ["--memory-state-out", str(state)]) == 0
+    assert generate(["--model", str(tmp_path / "q"), "-p", "again", "-m", "2", "--memory-state-in", str(state)]) == 0
+    assert "Generation: 2 tokens" in capsys.readouterr().out
+    converter.convert(hf[other], tmp_path / "other", titans=titans)
+    assert generate(["--model", str(tmp_path / "other"), "-p", "again", "--memory-state-in", str(state)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "saved for another model" in err[0], err
+
+
+def test_generate_refuses_an_unsupported_model_type_naming_the_supported_ones(tmp_path, capsys):
+    llama = make_tiny_qwen(tmp_path / "llama", model_type="llama")
+    assert generate(["--model", str(llama), "-p", "hi"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {llama} holds a 'llama' model; TitansQwen supports model_type {', '.join(QWEN_TYPES)}"]

@@ -1,4 +1,4 @@
-"""TitansQwen: mlx-lm's Qwen2 / Qwen2.5 / Qwen3 with bounded attention and Titans neural memory layers."""
+"""TitansQwen: mlx-lm's Qwen models (QWEN_TYPES) with bounded attention and Titans neural memory layers."""
 
 from .cache import TitansCache
 from .config import TitansQwenConfig, default_memory_layers

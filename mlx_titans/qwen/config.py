@@ -4,7 +4,25 @@ from dataclasses import dataclass
 
 from ..memory_config import MemoryConfig
 
-QWEN_TYPES = ("qwen2", "qwen3")
+# model_type: (the mlx-lm module of its decoder layer, the layer's class, whether the class takes the layer index).
+# The model classes are mlx-lm's own module of that name.
+QWEN_TYPES = {
+    "qwen2": ("qwen2", "TransformerBlock", False),
+    "qwen3": ("qwen3", "TransformerBlock", False),
+    "qwen2_moe": ("qwen2_moe", "Qwen2MoeDecoderLayer", False),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeDecoderLayer", True),
+}
+
+
+def check_model_type(config: dict, where: str = "the config") -> None:
+    """ValueError naming the supported types unless config's model_type is one of them."""
+    if config.get("model_type") not in QWEN_TYPES:
+        raise ValueError(
+            f"{where} holds a {config.get('model_type')!r} model; TitansQwen supports model_type "
+            f"{', '.join(QWEN_TYPES)}"
+        )
+
+
 DEFAULT_MEMORY = {"heads": 4, "dim_head": 128, "chunk_size": 64}
 
 

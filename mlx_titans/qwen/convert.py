@@ -1,4 +1,4 @@
-"""Convert a Hugging Face Qwen2 / Qwen2.5 / Qwen3 checkpoint into a TitansQwen MLX directory: convert(), and main(),
+"""Convert a Hugging Face Qwen checkpoint (a type of QWEN_TYPES) into a TitansQwen MLX directory: convert(), and main(),
 the command line of convert/qwen.py and mlx-titans-convert-qwen.
 
     python convert/qwen.py --hf-path Qwen/Qwen2.5-0.5B-Instruct --mlx-path qwen-titans -q
@@ -128,7 +128,7 @@ def titans_section(args) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Convert a Hugging Face Qwen2/Qwen2.5/Qwen3 model to TitansQwen (MLX)."
+        description="Convert a Hugging Face Qwen (qwen2, qwen3 and their MoEs) to TitansQwen (MLX)."
     )
     parser.add_argument("--hf-path", "--model", required=True, help="local HF directory or Hugging Face Hub id")
     parser.add_argument("--mlx-path", default="mlx_model", help="output directory (must not exist)")

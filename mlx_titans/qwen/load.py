@@ -8,14 +8,15 @@ import mlx.core as mx
 from mlx_lm.utils import load_config, load_model, load_tokenizer
 
 from .adapters import load_adapters
-from .config import QWEN_TYPES, TitansQwenConfig
+from .config import TitansQwenConfig, check_model_type
 from .model import get_model_classes, memory_weights
 
 MEMORY_WEIGHTS = "titans_memory.safetensors"
 
 
 def read_qwen_config(path: Path) -> dict:
-    """config.json (with generation_config's eos) of a Qwen2/Qwen2.5/Qwen3 directory; ValueError otherwise."""
+    """config.json (with generation_config's eos) of a directory holding a Qwen of a type TitansQwen supports;
+    ValueError otherwise."""
     if not path.is_dir():
         raise ValueError(f"no model directory at {path}")
     try:
@@ -24,10 +25,7 @@ def read_qwen_config(path: Path) -> dict:
         raise ValueError(f"{path} has no config.json") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}/config.json is not valid JSON ({e})") from None
-    if config.get("model_type") not in QWEN_TYPES:
-        raise ValueError(
-            f"{path} holds a {config.get('model_type')!r} model, not Qwen2/Qwen2.5/Qwen3 (model_type qwen2 or qwen3)"
-        )
+    check_model_type(config, str(path))
     return config
 
 

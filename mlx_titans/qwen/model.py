@@ -1,7 +1,8 @@
-"""TitansQwen: mlx-lm's Qwen2 / Qwen2.5 / Qwen3 with bounded attention and Titans neural memory layers.
+"""TitansQwen: mlx-lm's Qwen models with bounded attention and Titans neural memory layers.
 
-Built on mlx_lm.models.qwen2 / qwen3: the same modules and weight names (HF checkpoints load unchanged), the same
-lm_head / tied-embedding, sanitize and inner model, plus a "titans" section in config.json:
+Built on mlx-lm's own module of each type in QWEN_TYPES (qwen2, qwen3 and their MoEs qwen2_moe / qwen3_moe): the
+same modules and weight names (HF checkpoints load unchanged), the same MLP or MoE block, lm_head / tied-embedding,
+sanitize, quantization choices and inner model, plus a "titans" section in config.json:
 
     {"memory_layers": [3, 10, 17, 24], "window": 4096, "sink_tokens": 4, "segment_size": 2048,
      "memory": {MemoryConfig fields except dim, which is hidden_size}}
@@ -17,7 +18,8 @@ segment_size + window + sink_tokens, and since a query's keys and positions depe
 of the input into calls gives the same outputs (calls are cut internally at segment boundaries). Until the first
 eviction every shift is 0: the model is then exactly the base model.
 
-Memory layers, after the attention residual:  h = h + memory_gate * NeuralMemory(post_attention_layernorm(h)).
+Memory layers, after the attention residual:
+    h = h + memory_gate * NeuralMemory(post_attention_layernorm(h)).
 memory_gate is per channel and starts at 0, so an untrained memory leaves the base model's outputs exactly unchanged.
 Memory weights stay float32 and unquantized; converted models keep them in titans_memory.safetensors, beside
 mlx-lm's model*.safetensors, which stock mlx-lm loads as the plain Qwen.
@@ -34,7 +36,7 @@ from mlx.utils import tree_flatten
 from ..memory_config import MemoryConfig
 from ..neural_memory import NeuralMemory
 from .cache import TitansCache
-from .config import QWEN_TYPES, TitansQwenConfig
+from .config import QWEN_TYPES, TitansQwenConfig, check_model_type
 
 
 def is_memory_weight(name: str) -> bool:
@@ -47,12 +49,13 @@ def memory_weights(model) -> dict:
 
 
 def window_attention(attn, x, mask, cache: TitansCache):
-    """mlx-lm's Qwen2/Qwen3 attention over a TitansCache, with RoPE at the cache's bounded positions."""
+    """mlx-lm's Qwen attention (qwen2, qwen3 and their MoEs) over a TitansCache, with RoPE at the cache's bounded
+    positions."""
     B, L, _ = x.shape
     queries = attn.q_proj(x).reshape(B, L, attn.n_heads, -1)
     keys = attn.k_proj(x).reshape(B, L, attn.n_kv_heads, -1)
     values = attn.v_proj(x).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-    if "q_norm" in attn:  # Qwen3
+    if "q_norm" in attn:  # all but Qwen2
         queries, keys = attn.q_norm(queries), attn.k_norm(keys)
     queries = attn.rope(queries.transpose(0, 2, 1, 3), offset=cache.offset - cache.position_shift())
     keys, values = cache.update_and_fetch(keys.transpose(0, 2, 1, 3), values, attn.rope)
@@ -68,10 +71,15 @@ def gated_residual(h, gate, read):
 
 
 class MemoryBlock:
-    """Mixed into mlx-lm's TransformerBlock: windowed attention, then (in memory layers) the gated memory read."""
+    """Mixed into mlx-lm's decoder layer: windowed attention, then (in memory layers) the gated memory read."""
 
-    def __init__(self, args, memory: Optional[MemoryConfig]):
-        super().__init__(args)
+    indexed: bool  # whether mlx-lm's layer class takes its index
+
+    def __init__(self, args, index: int, memory: Optional[MemoryConfig]):
+        if self.indexed:
+            super().__init__(args, index)
+        else:
+            super().__init__(args)
         if memory is not None:
             self.memory = NeuralMemory(memory)
             self.memory_gate = mx.zeros((args.hidden_size,))
@@ -104,7 +112,7 @@ class MemoryBlock:
 
 
 class TitansQwen:
-    """Mixed into mlx-lm's qwen2/qwen3 Model (see `get_model_classes`); `model.titans` is the resolved section."""
+    """Mixed into mlx-lm's Model of a Qwen type (see `get_model_classes`); `model.titans` is the resolved section."""
 
     block_class: type
 
@@ -112,7 +120,7 @@ class TitansQwen:
         super().__init__(args)
         self.titans = TitansQwenConfig.from_section(args.titans, args.num_hidden_layers, args.hidden_size)
         self.model.layers = [
-            self.block_class(args, self.titans.memory if i in self.titans.memory_layers else None)
+            self.block_class(args, i, self.titans.memory if i in self.titans.memory_layers else None)
             for i in range(args.num_hidden_layers)
         ]
 
@@ -127,14 +135,16 @@ class TitansQwen:
         pieces, start = [], 0
         while start < n:
             end = min(n, start + size - (cache[0].offset % size if start == 0 else 0))
-            embeddings = None if input_embeddings is None else input_embeddings[:, start:end]
-            pieces.append(self.model(inputs[:, start:end], cache, embeddings))
+            # qwen2_moe's inner model takes no embeddings
+            embeddings = {} if input_embeddings is None else {"input_embeddings": input_embeddings[:, start:end]}
+            pieces.append(self.model(inputs[:, start:end], cache, **embeddings))
             start = end
         return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=1)
 
     def head(self, h):
-        """mlx-lm's Qwen output layer: the tied embedding or lm_head."""
-        return self.model.embed_tokens.as_linear(h) if self.args.tie_word_embeddings else self.lm_head(h)
+        """mlx-lm's Qwen output layer: lm_head where the model has one (qwen2_moe always does), else the tied
+        embedding."""
+        return self.lm_head(h) if "lm_head" in self else self.model.embed_tokens.as_linear(h)
 
     def description(self) -> dict:
         """What a saved cache depends on: the base model's config (shapes, RoPE) and the titans section."""
@@ -148,8 +158,11 @@ class TitansQwen:
         """mlx-lm's sanitize; memory weights the checkpoint lacks keep their initial values (gate closed)."""
         return {**memory_weights(self), **super().sanitize(weights)}
 
-    def quant_predicate(self, path, module):
-        return not is_memory_weight(path)
+    @property
+    def quant_predicate(self):
+        """mlx-lm's (the MoEs keep their routers at 8 bits), never quantizing the memory."""
+        base = getattr(super(), "quant_predicate", None)
+        return lambda path, module: not is_memory_weight(path) and (base is None or base(path, module))
 
     def cast_predicate(self, name):
         return not is_memory_weight(name)
@@ -157,14 +170,15 @@ class TitansQwen:
 
 @functools.cache
 def _classes(model_type: str):
+    layers, block, takes_index = QWEN_TYPES[model_type]
     base = importlib.import_module(f"mlx_lm.models.{model_type}")
 
     @dataclass
     class ModelArgs(base.ModelArgs):
         titans: dict = field(default_factory=dict)
 
-    class TransformerBlock(MemoryBlock, base.TransformerBlock):
-        pass
+    class TransformerBlock(MemoryBlock, getattr(importlib.import_module(f"mlx_lm.models.{layers}"), block)):
+        indexed = takes_index
 
     class Model(TitansQwen, base.Model):
         block_class = TransformerBlock
@@ -173,7 +187,6 @@ def _classes(model_type: str):
 
 
 def get_model_classes(config: dict):
-    """(Model, ModelArgs) for mlx_lm.utils.load_model: TitansQwen on mlx-lm's qwen2 or qwen3."""
-    if config.get("model_type") not in QWEN_TYPES:
-        raise ValueError(f"TitansQwen supports model_type qwen2 and qwen3, not {config.get('model_type')!r}")
+    """(Model, ModelArgs) for mlx_lm.utils.load_model: TitansQwen on mlx-lm's model of a type in QWEN_TYPES."""
+    check_model_type(config)
     return _classes(config["model_type"])

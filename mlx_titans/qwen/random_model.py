@@ -1,6 +1,6 @@
 """Qwen models with random weights, built offline: for tests, benchmarks and trying the converter without a download.
 
-    python -m mlx_titans.qwen.random_model OUT [qwen2|qwen3]      # a tiny checkpoint in Hugging Face layout
+    python -m mlx_titans.qwen.random_model OUT [qwen2|qwen3|qwen2_moe|...]   # a tiny checkpoint in Hugging Face layout
 
 make_tiny_qwen writes a Hugging Face checkpoint (numpy, tokenizers, safetensors): a ByteLevel BPE tokenizer trained
 on a few sentences, float32 weights (std 0.02) under the HF names, config.json and generation_config.json as
@@ -74,42 +74,62 @@ def make_tiny_qwen(
     tie=False,
     model_type=None,
     seed=0,
+    experts=4,
 ) -> Path:
-    """Write a random `arch` ("qwen2": q/k/v bias; "qwen3": q/k norms, head_dim) checkpoint into `out`.
-    model_type overrides config.json's (to make a checkpoint that is not Qwen)."""
+    """Write a random `arch` checkpoint into `out`, under the Hugging Face names and layout of that type: "qwen2"
+    (q/k/v bias), "qwen3" (q/k norms, head_dim), and their MoEs "qwen2_moe" (a shared expert; always an lm_head) and
+    "qwen3_moe" (`experts` experts of size `inter` // 2, 2 per token). model_type overrides config.json's (to make
+    one not Qwen)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     eos, pad = make_tokenizer(out, vocab)
     rng = np.random.default_rng(seed)
-    head_dim = hidden // heads
+    head_dim, moe_inter = hidden // heads, inter // 2
 
     def normal(*shape):
         return (rng.standard_normal(shape) * 0.02).astype(np.float32)
 
-    def ones(n):
+    def norm(n):
         return np.ones(n, np.float32)
 
-    w = {"model.embed_tokens.weight": normal(vocab, hidden), "model.norm.weight": ones(hidden)}
+    def glu(prefix, size):
+        return {f"{prefix}{n}.weight": normal(size, hidden) for n in ("gate_proj", "up_proj")} | {
+            f"{prefix}down_proj.weight": normal(hidden, size)
+        }
+
+    def mlp(p):
+        if arch in ("qwen2", "qwen3"):
+            return glu(f"{p}mlp.", inter)
+        w = {f"{p}mlp.gate.weight": normal(experts, hidden)}
+        for e in range(experts):
+            w |= glu(f"{p}mlp.experts.{e}.", moe_inter)
+        if arch == "qwen2_moe":
+            w |= glu(f"{p}mlp.shared_expert.", moe_inter)
+            w[f"{p}mlp.shared_expert_gate.weight"] = normal(1, hidden)
+        return w
+
+    def attention(p):
+        w = {}
+        for name, n in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
+            w[f"{p}self_attn.{name}_proj.weight"] = normal(n * head_dim, hidden)
+            if arch in ("qwen2", "qwen2_moe"):
+                w[f"{p}self_attn.{name}_proj.bias"] = normal(n * head_dim)
+        if arch not in ("qwen2", "qwen2_moe"):
+            w[f"{p}self_attn.q_norm.weight"] = norm(head_dim)
+            w[f"{p}self_attn.k_norm.weight"] = norm(head_dim)
+        w[f"{p}self_attn.o_proj.weight"] = normal(hidden, heads * head_dim)
+        return w
+
+    w = {"model.embed_tokens.weight": normal(vocab, hidden), "model.norm.weight": norm(hidden)}
     if not tie:
         w["lm_head.weight"] = normal(vocab, hidden)
     for i in range(layers):
         p = f"model.layers.{i}."
-        for name, n in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
-            w[f"{p}self_attn.{name}_proj.weight"] = normal(n * head_dim, hidden)
-            if arch == "qwen2":
-                w[f"{p}self_attn.{name}_proj.bias"] = normal(n * head_dim)
-        if arch == "qwen3":
-            w[f"{p}self_attn.q_norm.weight"] = ones(head_dim)
-            w[f"{p}self_attn.k_norm.weight"] = ones(head_dim)
-        w[f"{p}self_attn.o_proj.weight"] = normal(hidden, heads * head_dim)
-        w[f"{p}mlp.gate_proj.weight"] = normal(inter, hidden)
-        w[f"{p}mlp.up_proj.weight"] = normal(inter, hidden)
-        w[f"{p}mlp.down_proj.weight"] = normal(hidden, inter)
-        w[f"{p}input_layernorm.weight"] = ones(hidden)
-        w[f"{p}post_attention_layernorm.weight"] = ones(hidden)
+        w |= attention(p) | mlp(p)
+        w[f"{p}input_layernorm.weight"] = norm(hidden)
+        w[f"{p}post_attention_layernorm.weight"] = norm(hidden)
     save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = {
-        "architectures": [f"{arch.capitalize()}ForCausalLM"],
         "model_type": model_type or arch,
         "hidden_size": hidden,
         "intermediate_size": inter,
@@ -124,8 +144,14 @@ def make_tiny_qwen(
         "torch_dtype": "bfloat16",
         "bos_token_id": pad,
         "eos_token_id": eos,
-        **({"head_dim": head_dim} if arch == "qwen3" else {}),
     }
+    if arch != "qwen2":
+        config["head_dim"] = head_dim
+    if arch not in ("qwen2", "qwen3"):
+        shared = {} if arch == "qwen3_moe" else {"shared_expert_intermediate_size": moe_inter}
+        config |= {"num_experts": experts, "num_experts_per_tok": 2, "moe_intermediate_size": moe_inter, **shared}
+        config |= {"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True}
+    config["architectures"] = [f"{arch.title().replace('_', '')}ForCausalLM"]  # Qwen2, Qwen2Moe, ...
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, pad]}))
     return out
