@@ -18,7 +18,7 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from .files import cache_root
-from .prefill import prefill
+from .prefill import prefill, tokens_seen
 from .prompt_cache import load_cache_file, save_cache_file
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
@@ -178,8 +178,8 @@ def run(args) -> int:
             cache = load_cache_file(args.memory_state_in, runner.model)
         except (ValueError, FileNotFoundError) as e:
             raise UserError(str(e)) from None
-    if cache[0].offset + len(ids) > args.max_context:
-        raise UserError(f"context of {cache[0].offset + len(ids)} tokens is over --max-context {args.max_context}")
+    if tokens_seen(cache) + len(ids) > args.max_context:
+        raise UserError(f"context of {tokens_seen(cache) + len(ids)} tokens is over --max-context {args.max_context}")
 
     mx.reset_peak_memory()
     tic = time.perf_counter()

@@ -27,3 +27,9 @@ def prefill(model, tokens: mx.array, cache: list, step: Optional[int] = None, pr
     if progress is not None:
         progress(n, n)
     return logits
+
+
+def tokens_seen(cache: list) -> int:
+    """The tokens a model's cache has taken in: the offset of its first layer cache that counts them (the ArraysCache
+    of a linear-attention layer does not)."""
+    return next(c.offset for c in cache if hasattr(c, "offset"))

@@ -1,10 +1,10 @@
 """Cache files in mlx-lm's prompt-cache layout, for mlx-lm's cache classes and ours.
 
-mlx_lm.models.cache.save_prompt_cache writes a TitansQwen (TitansCache) or TitansLM (LayerCache) cache as it writes
-its own; its load_prompt_cache rebuilds only mlx-lm's classes, so `load_prompt_cache` here reads the same files
-knowing ours too. `save_cache_file` / `load_cache_file` keep a model's cache (attention windows and memory states)
-in that layout with the model's description and fingerprint in the metadata, and refuse a file saved for another
-model: what generate's --memory-state-out / --memory-state-in write and read.
+mlx_lm.models.cache.save_prompt_cache writes a TitansQwen (TitansCache, LinearCache) or TitansLM (LayerCache) cache
+as it writes its own; its load_prompt_cache rebuilds only mlx-lm's classes, so `load_prompt_cache` here reads the
+same files knowing ours too. `save_cache_file` / `load_cache_file` keep a model's cache (attention windows, linear
+attention states and memory states) in that layout with the model's description and fingerprint in the metadata, and
+refuse a file saved for another model: what generate's --memory-state-out / --memory-state-in write and read.
 """
 
 import json
@@ -22,9 +22,9 @@ def cache_classes() -> dict:
     """The cache classes by name: mlx-lm's and ours. Imported on use: the mlx_lm package takes seconds to import."""
     from mlx_lm.models import cache
 
-    from .qwen.cache import TitansCache
+    from .qwen.cache import LinearCache, TitansCache
 
-    ours = {"TitansCache": TitansCache, "LayerCache": LayerCache}
+    ours = {"TitansCache": TitansCache, "LinearCache": LinearCache, "LayerCache": LayerCache}
     return {**{name: c for name, c in vars(cache).items() if hasattr(c, "from_state")}, **ours}
 
 
@@ -42,7 +42,8 @@ def caches_from(arrays: dict, metadata: dict):
 
 
 def load_prompt_cache(file, return_metadata: bool = False):
-    """mlx_lm.models.cache.load_prompt_cache for files of mlx-lm's caches and ours (TitansCache, LayerCache)."""
+    """mlx_lm.models.cache.load_prompt_cache for files of mlx-lm's caches and ours (TitansCache, LinearCache,
+    LayerCache)."""
     arrays, metadata = mx.load(str(file), format="safetensors", return_metadata=True)
     cache, user = caches_from(arrays, metadata)
     return (cache, user) if return_metadata else cache

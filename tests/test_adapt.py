@@ -123,8 +123,8 @@ def test_segment_by_segment_gives_the_unrolled_gradients(base):
 
 @pytest.mark.parametrize("arch", list(QWEN_TYPES)[2:])  # qwen3: above
 def test_every_qwen_type_trains_only_its_memory_segment_by_segment(hf, arch):
-    """On each type's layers (MoE experts and routers) only the memory layers train, and the segment-by-segment
-    gradients equal the whole graph's."""
+    """On each type's layers (MoE experts and routers, Gated DeltaNet, gated attention) only the memory layers train,
+    and the segment-by-segment gradients equal the whole graph's, through the caches of either kind of layer."""
     model = titans_model(hf[arch])
     make_trainable(model)
     open_gates(model)

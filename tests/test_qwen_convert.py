@@ -56,7 +56,7 @@ def test_convert_quantized_then_load_generate_and_stock_load(hf, arch, tmp_path)
     base = [(name, m) for name, m in model.named_modules() if ".memory" not in name]
     assert not any(isinstance(m, (nn.Linear, SwitchLinear)) for _, m in base)  # every base linear (and expert) 4-bit
     routers = {m.bits for name, m in base if name.endswith(("mlp.gate", "shared_expert_gate"))}
-    assert routers <= {8} if arch == "qwen3_moe" else routers <= {4}  # mlx-lm's choice
+    assert routers <= {8} if arch in ("qwen3_moe", "qwen3_next", "qwen3_5_moe") else routers <= {4}  # mlx-lm's choice
     memory = model.layers[1].memory
     assert "memory" not in model.layers[0]
     assert not any(isinstance(m, nn.QuantizedLinear) for _, m in memory.named_modules())

@@ -3,6 +3,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.models.cache import ArraysCache
 from mlx_lm.models.rope_utils import Llama3RoPE
 
 from ..neural_memory import MemoryState
@@ -144,6 +145,27 @@ class TitansCache:
 
     def empty(self):
         return self._k is None
+
+    @property
+    def nbytes(self):
+        return sum(x.nbytes for _, x in tree_flatten(self.state) if isinstance(x, mx.array))
+
+
+class LinearCache(ArraysCache):
+    """A linear-attention (Gated DeltaNet) memory layer's context: mlx-lm's ArraysCache (the convolution's last
+    inputs and the recurrent state, both of fixed size) and the layer's NeuralMemory state."""
+
+    memory = None
+
+    @property
+    def state(self):
+        return (*ArraysCache.state.fget(self), None if self.memory is None else self.memory.to_tree())
+
+    @state.setter
+    def state(self, v):
+        *arrays, memory = v
+        ArraysCache.state.fset(self, arrays)
+        self.memory = None if memory is None else MemoryState.from_tree(memory)
 
     @property
     def nbytes(self):

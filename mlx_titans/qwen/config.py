@@ -5,12 +5,15 @@ from dataclasses import dataclass
 from ..memory_config import MemoryConfig
 
 # model_type: (the mlx-lm module of its decoder layer, the layer's class, whether the class takes the layer index).
-# The model classes are mlx-lm's own module of that name.
+# The model classes are mlx-lm's own module of that name; qwen3_5_moe's layers are qwen3_5's.
 QWEN_TYPES = {
     "qwen2": ("qwen2", "TransformerBlock", False),
     "qwen3": ("qwen3", "TransformerBlock", False),
     "qwen2_moe": ("qwen2_moe", "Qwen2MoeDecoderLayer", False),
     "qwen3_moe": ("qwen3_moe", "Qwen3MoeDecoderLayer", True),
+    "qwen3_next": ("qwen3_next", "Qwen3NextDecoderLayer", True),
+    "qwen3_5": ("qwen3_5", "DecoderLayer", True),
+    "qwen3_5_moe": ("qwen3_5", "DecoderLayer", True),
 }
 
 
@@ -21,6 +24,11 @@ def check_model_type(config: dict, where: str = "the config") -> None:
             f"{where} holds a {config.get('model_type')!r} model; TitansQwen supports model_type "
             f"{', '.join(QWEN_TYPES)}"
         )
+
+
+def text_config(config: dict) -> dict:
+    """The language model's config: a vision-language checkpoint's text_config (qwen3_5), else the config itself."""
+    return config.get("text_config", config)
 
 
 DEFAULT_MEMORY = {"heads": 4, "dim_head": 128, "chunk_size": 64}

@@ -128,7 +128,7 @@ def titans_section(args) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Convert a Hugging Face Qwen (qwen2, qwen3 and their MoEs) to TitansQwen (MLX)."
+        description="Convert a Hugging Face Qwen (qwen2, qwen3, their MoEs, qwen3_next, qwen3_5) to TitansQwen (MLX)."
     )
     parser.add_argument("--hf-path", "--model", required=True, help="local HF directory or Hugging Face Hub id")
     parser.add_argument("--mlx-path", default="mlx_model", help="output directory (must not exist)")

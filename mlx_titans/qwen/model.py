@@ -1,8 +1,9 @@
 """TitansQwen: mlx-lm's Qwen models with bounded attention and Titans neural memory layers.
 
-Built on mlx-lm's own module of each type in QWEN_TYPES (qwen2, qwen3 and their MoEs qwen2_moe / qwen3_moe): the
-same modules and weight names (HF checkpoints load unchanged), the same MLP or MoE block, lm_head / tied-embedding,
-sanitize, quantization choices and inner model, plus a "titans" section in config.json:
+Built on mlx-lm's own module of each type in QWEN_TYPES (qwen2, qwen3, their MoEs qwen2_moe / qwen3_moe, and the
+hybrids qwen3_next, qwen3_5, qwen3_5_moe): the same modules and weight names (HF checkpoints load unchanged, a
+vision-language checkpoint's text weights as mlx-lm's sanitize takes them), the same MLP or MoE block, lm_head /
+tied-embedding, sanitize, quantization choices and inner model, plus a "titans" section in config.json:
 
     {"memory_layers": [3, 10, 17, 24], "window": 4096, "sink_tokens": 4, "segment_size": 2048,
      "memory": {MemoryConfig fields except dim, which is hidden_size}}
@@ -18,7 +19,11 @@ segment_size + window + sink_tokens, and since a query's keys and positions depe
 of the input into calls gives the same outputs (calls are cut internally at segment boundaries). Until the first
 eviction every shift is 0: the model is then exactly the base model.
 
-Memory layers, after the attention residual:
+In the hybrids only the full-attention layers get the window and sinks; their linear-attention (Gated DeltaNet)
+layers run as mlx-lm has them, with their fixed-size state in mlx-lm's ArraysCache (LinearCache where the layer also
+has a memory).
+
+Memory layers (at any depth, either kind of layer), after the attention residual:
     h = h + memory_gate * NeuralMemory(post_attention_layernorm(h)).
 memory_gate is per channel and starts at 0, so an untrained memory leaves the base model's outputs exactly unchanged.
 Memory weights stay float32 and unquantized; converted models keep them in titans_memory.safetensors, beside
@@ -32,10 +37,13 @@ from typing import Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+from mlx_lm.models.cache import ArraysCache
+from mlx_lm.models.qwen3_next import Qwen3NextAttention
 
 from ..memory_config import MemoryConfig
 from ..neural_memory import NeuralMemory
-from .cache import TitansCache
+from ..prefill import tokens_seen
+from .cache import LinearCache, TitansCache
 from .config import QWEN_TYPES, TitansQwenConfig, check_model_type
 
 
@@ -49,18 +57,23 @@ def memory_weights(model) -> dict:
 
 
 def window_attention(attn, x, mask, cache: TitansCache):
-    """mlx-lm's Qwen attention (qwen2, qwen3 and their MoEs) over a TitansCache, with RoPE at the cache's bounded
-    positions."""
+    """mlx-lm's Qwen attention over a TitansCache, with RoPE at the cache's bounded positions: qwen2 / qwen3 and
+    their MoEs, and qwen3_next / qwen3_5's gated attention (its q_proj also yields a sigmoid gate on the output)."""
     B, L, _ = x.shape
-    queries = attn.q_proj(x).reshape(B, L, attn.n_heads, -1)
-    keys = attn.k_proj(x).reshape(B, L, attn.n_kv_heads, -1)
-    values = attn.v_proj(x).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    gated = isinstance(attn, Qwen3NextAttention)
+    heads, kv_heads = (attn.num_attention_heads, attn.num_key_value_heads) if gated else (attn.n_heads, attn.n_kv_heads)
+    queries = attn.q_proj(x).reshape(B, L, heads, -1)
+    if gated:
+        queries, gate = mx.split(queries, 2, axis=-1)
+    keys = attn.k_proj(x).reshape(B, L, kv_heads, -1)
+    values = attn.v_proj(x).reshape(B, L, kv_heads, -1).transpose(0, 2, 1, 3)
     if "q_norm" in attn:  # all but Qwen2
         queries, keys = attn.q_norm(queries), attn.k_norm(keys)
     queries = attn.rope(queries.transpose(0, 2, 1, 3), offset=cache.offset - cache.position_shift())
     keys, values = cache.update_and_fetch(keys.transpose(0, 2, 1, 3), values, attn.rope)
     out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=attn.scale, mask=mask)
-    return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+    out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+    return attn.o_proj(out * mx.sigmoid(gate.reshape(B, L, -1)) if gated else out)
 
 
 @mx.compile
@@ -71,7 +84,8 @@ def gated_residual(h, gate, read):
 
 
 class MemoryBlock:
-    """Mixed into mlx-lm's decoder layer: windowed attention, then (in memory layers) the gated memory read."""
+    """Mixed into mlx-lm's decoder layer: windowed attention (a linear-attention layer keeps mlx-lm's own), then (in
+    memory layers) the gated memory read."""
 
     indexed: bool  # whether mlx-lm's layer class takes its index
 
@@ -89,13 +103,16 @@ class MemoryBlock:
                 self._read_step_eager, inputs=[self.memory.state, self.post_attention_layernorm.state]
             )
 
-    def __call__(self, x, mask, cache: TitansCache):
-        h = x + window_attention(self.self_attn, self.input_layernorm(x), mask, cache)
+    def __call__(self, x, mask=None, cache=None):
+        if "linear_attn" in self:  # Gated DeltaNet (qwen3_next, qwen3_5): its fixed-size state in mlx-lm's cache
+            h = x + self.linear_attn(self.input_layernorm(x), mask, cache)
+        else:
+            h = x + window_attention(self.self_attn, self.input_layernorm(x), mask, cache)
         if "memory" in self:
             h = self._memory_residual(h, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def _memory_residual(self, h, cache: TitansCache):
+    def _memory_residual(self, h, cache):
         """h + memory_gate * memory(post_attention_layernorm(h)). A call that completes no memory chunk (63 decode
         steps in 64) runs as one compiled graph: decode is bound by kernel launches and Python calls per token."""
         state, n = cache.memory, h.shape[1]
@@ -118,11 +135,17 @@ class TitansQwen:
 
     def __init__(self, args):
         super().__init__(args)
-        self.titans = TitansQwenConfig.from_section(args.titans, args.num_hidden_layers, args.hidden_size)
+        text = self.text_model.args
+        self.titans = TitansQwenConfig.from_section(args.titans, text.num_hidden_layers, text.hidden_size)
         self.model.layers = [
-            self.block_class(args, i, self.titans.memory if i in self.titans.memory_layers else None)
-            for i in range(args.num_hidden_layers)
+            self.block_class(text, i, self.titans.memory if i in self.titans.memory_layers else None)
+            for i in range(text.num_hidden_layers)
         ]
+
+    @property
+    def text_model(self):
+        """The language model: this model, or a vision-language checkpoint's language_model (qwen3_5)."""
+        return getattr(self, "language_model", self)
 
     def __call__(self, inputs, cache=None, input_embeddings=None):
         """Logits (batch, tokens, vocab); without a cache the input starts a new context."""
@@ -134,8 +157,8 @@ class TitansQwen:
         size, n = self.titans.segment_size, inputs.shape[1]
         pieces, start = [], 0
         while start < n:
-            end = min(n, start + size - (cache[0].offset % size if start == 0 else 0))
-            # qwen2_moe's inner model takes no embeddings
+            end = min(n, start + size - (tokens_seen(cache) % size if start == 0 else 0))
+            # qwen2_moe's and qwen3_next's inner models take no embeddings
             embeddings = {} if input_embeddings is None else {"input_embeddings": input_embeddings[:, start:end]}
             pieces.append(self.model(inputs[:, start:end], cache, **embeddings))
             start = end
@@ -144,15 +167,24 @@ class TitansQwen:
     def head(self, h):
         """mlx-lm's Qwen output layer: lm_head where the model has one (qwen2_moe always does), else the tied
         embedding."""
-        return self.lm_head(h) if "lm_head" in self else self.model.embed_tokens.as_linear(h)
+        text = self.text_model
+        return text.lm_head(h) if "lm_head" in text else text.model.embed_tokens.as_linear(h)
 
     def description(self) -> dict:
-        """What a saved cache depends on: the base model's config (shapes, RoPE) and the titans section."""
-        base = {k: v for k, v in asdict(self.args).items() if k != "titans"}
+        """What a saved cache depends on: the language model's config (shapes, RoPE) and the titans section."""
+        base = {k: v for k, v in asdict(self.text_model.args).items() if k != "titans"}
         return {"model": "TitansQwen", "base": base, "titans": self.titans.to_section()}
 
     def make_cache(self) -> list:
-        return [TitansCache(self.titans.sink_tokens, self.titans.window, self.titans.segment_size) for _ in self.layers]
+        """A TitansCache per attention layer; a linear-attention layer keeps the ArraysCache of mlx-lm's make_cache,
+        with the memory's state beside it in memory layers."""
+        t = self.titans
+        return [
+            TitansCache(t.sink_tokens, t.window, t.segment_size)
+            if "self_attn" in layer
+            else (LinearCache if "memory" in layer else ArraysCache)(size=2)
+            for layer in self.layers
+        ]
 
     def sanitize(self, weights):
         """mlx-lm's sanitize; memory weights the checkpoint lacks keep their initial values (gate closed)."""
@@ -164,8 +196,11 @@ class TitansQwen:
         base = getattr(super(), "quant_predicate", None)
         return lambda path, module: not is_memory_weight(path) and (base is None or base(path, module))
 
-    def cast_predicate(self, name):
-        return not is_memory_weight(name)
+    @property
+    def cast_predicate(self):
+        """mlx-lm's (qwen3_5 keeps A_log float32), never casting the memory."""
+        base = getattr(super(), "cast_predicate", None)
+        return lambda name: not is_memory_weight(name) and (base is None or base(name))
 
 
 @functools.cache
@@ -176,6 +211,13 @@ def _classes(model_type: str):
     @dataclass
     class ModelArgs(base.ModelArgs):
         titans: dict = field(default_factory=dict)
+
+        @classmethod
+        def from_dict(cls, params):
+            """The base's from_dict (qwen3_5's makes a flat config its text_config), keeping the titans section."""
+            args = super().from_dict(params)
+            args.titans = params.get("titans", {})
+            return args
 
     class TransformerBlock(MemoryBlock, getattr(importlib.import_module(f"mlx_lm.models.{layers}"), block)):
         indexed = takes_index

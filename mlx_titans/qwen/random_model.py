@@ -62,6 +62,9 @@ def make_tokenizer(out: Path, vocab_size: int):
     return tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
 
 
+HYBRIDS = ("qwen3_next", "qwen3_5", "qwen3_5_moe")  # Gated DeltaNet layers, then one full-attention layer
+
+
 def make_tiny_qwen(
     out,
     arch="qwen2",
@@ -77,20 +80,24 @@ def make_tiny_qwen(
     experts=4,
 ) -> Path:
     """Write a random `arch` checkpoint into `out`, under the Hugging Face names and layout of that type: "qwen2"
-    (q/k/v bias), "qwen3" (q/k norms, head_dim), and their MoEs "qwen2_moe" (a shared expert; always an lm_head) and
-    "qwen3_moe" (`experts` experts of size `inter` // 2, 2 per token). model_type overrides config.json's (to make
-    one not Qwen)."""
+    (q/k/v bias), "qwen3" (q/k norms, head_dim), their MoEs "qwen2_moe" (a shared expert; always an lm_head) and
+    "qwen3_moe" (`experts` experts of size `inter` // 2, 2 per token), and the hybrids of HYBRIDS, whose layers
+    alternate Gated DeltaNet and gated full attention (full_attention_interval 2): "qwen3_next" (MoE), "qwen3_5"
+    (dense) and "qwen3_5_moe" (fused experts), the last two as vision-language checkpoints (text_config; the language
+    model's weights under model.language_model, and a vision weight that loading drops). Hybrids store their
+    RMSNorm weights centred on 0, as Qwen3-Next does. model_type overrides config.json's (to make one not Qwen)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     eos, pad = make_tokenizer(out, vocab)
     rng = np.random.default_rng(seed)
-    head_dim, moe_inter = hidden // heads, inter // 2
+    head_dim, moe_inter, hybrid = hidden // heads, inter // 2, arch in HYBRIDS
+    lk_heads, lv_heads, l_dim, conv = 2, 4, 16, 4  # Gated DeltaNet: key heads, value heads, head size, conv kernel
 
     def normal(*shape):
         return (rng.standard_normal(shape) * 0.02).astype(np.float32)
 
-    def norm(n):
-        return np.ones(n, np.float32)
+    def norm(n):  # RMSNorm weights: 1, or 0 where the model adds 1 (hybrids)
+        return np.zeros(n, np.float32) if hybrid else np.ones(n, np.float32)
 
     def glu(prefix, size):
         return {f"{prefix}{n}.weight": normal(size, hidden) for n in ("gate_proj", "up_proj")} | {
@@ -98,19 +105,23 @@ def make_tiny_qwen(
         }
 
     def mlp(p):
-        if arch in ("qwen2", "qwen3"):
+        if arch in ("qwen2", "qwen3", "qwen3_5"):
             return glu(f"{p}mlp.", inter)
         w = {f"{p}mlp.gate.weight": normal(experts, hidden)}
-        for e in range(experts):
-            w |= glu(f"{p}mlp.experts.{e}.", moe_inter)
-        if arch == "qwen2_moe":
+        if arch == "qwen3_5_moe":  # transformers 5 fuses the experts
+            w[f"{p}mlp.experts.gate_up_proj"] = normal(experts, 2 * moe_inter, hidden)
+            w[f"{p}mlp.experts.down_proj"] = normal(experts, hidden, moe_inter)
+        else:
+            for e in range(experts):
+                w |= glu(f"{p}mlp.experts.{e}.", moe_inter)
+        if arch != "qwen3_moe":
             w |= glu(f"{p}mlp.shared_expert.", moe_inter)
             w[f"{p}mlp.shared_expert_gate.weight"] = normal(1, hidden)
         return w
 
     def attention(p):
         w = {}
-        for name, n in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
+        for name, n in (("q", heads * (2 if hybrid else 1)), ("k", kv_heads), ("v", kv_heads)):  # hybrids: q + gate
             w[f"{p}self_attn.{name}_proj.weight"] = normal(n * head_dim, hidden)
             if arch in ("qwen2", "qwen2_moe"):
                 w[f"{p}self_attn.{name}_proj.bias"] = normal(n * head_dim)
@@ -120,12 +131,35 @@ def make_tiny_qwen(
         w[f"{p}self_attn.o_proj.weight"] = normal(hidden, heads * head_dim)
         return w
 
-    w = {"model.embed_tokens.weight": normal(vocab, hidden), "model.norm.weight": norm(hidden)}
+    def linear_attention(p):
+        p, keys, values = f"{p}linear_attn.", lk_heads * l_dim, lv_heads * l_dim
+        w = {
+            f"{p}conv1d.weight": normal(2 * keys + values, 1, conv),
+            f"{p}dt_bias": np.ones(lv_heads, np.float32),
+            f"{p}A_log": np.log(rng.uniform(1, 16, lv_heads)).astype(np.float32),
+            f"{p}norm.weight": np.ones(l_dim, np.float32),
+            f"{p}out_proj.weight": normal(hidden, values),
+        }
+        if arch == "qwen3_next":
+            w[f"{p}in_proj_qkvz.weight"] = normal(2 * keys + 2 * values, hidden)
+            w[f"{p}in_proj_ba.weight"] = normal(2 * lv_heads, hidden)
+        else:
+            w[f"{p}in_proj_qkv.weight"] = normal(2 * keys + values, hidden)
+            w[f"{p}in_proj_z.weight"] = normal(values, hidden)
+            w[f"{p}in_proj_b.weight"] = normal(lv_heads, hidden)
+            w[f"{p}in_proj_a.weight"] = normal(lv_heads, hidden)
+        return w
+
+    root = "model.language_model." if arch in ("qwen3_5", "qwen3_5_moe") else "model."
+    w = {f"{root}embed_tokens.weight": normal(vocab, hidden), f"{root}norm.weight": norm(hidden)}
     if not tie:
         w["lm_head.weight"] = normal(vocab, hidden)
+    if root != "model.":
+        w["model.visual.patch_embed.proj.weight"] = normal(hidden, 3, 2, 2)
     for i in range(layers):
-        p = f"model.layers.{i}."
-        w |= attention(p) | mlp(p)
+        p = f"{root}layers.{i}."
+        w |= linear_attention(p) if hybrid and i % 2 == 0 else attention(p)
+        w |= mlp(p)
         w[f"{p}input_layernorm.weight"] = norm(hidden)
         w[f"{p}post_attention_layernorm.weight"] = norm(hidden)
     save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -147,11 +181,29 @@ def make_tiny_qwen(
     }
     if arch != "qwen2":
         config["head_dim"] = head_dim
-    if arch not in ("qwen2", "qwen3"):
+    if arch not in ("qwen2", "qwen3", "qwen3_5"):
         shared = {} if arch == "qwen3_moe" else {"shared_expert_intermediate_size": moe_inter}
         config |= {"num_experts": experts, "num_experts_per_tok": 2, "moe_intermediate_size": moe_inter, **shared}
         config |= {"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True}
-    config["architectures"] = [f"{arch.title().replace('_', '')}ForCausalLM"]  # Qwen2, Qwen2Moe, ...
+    if hybrid:
+        config |= {
+            "full_attention_interval": 2,
+            "partial_rotary_factor": 0.25,
+            "linear_num_key_heads": lk_heads,
+            "linear_num_value_heads": lv_heads,
+            "linear_key_head_dim": l_dim,
+            "linear_value_head_dim": l_dim,
+            "linear_conv_kernel_dim": conv,
+        }
+    if root != "model.":  # transformers 5's vision-language layout: RoPE settings in rope_parameters
+        rope = {"rope_type": "default", "rope_theta": config.pop("rope_theta"), "mrope_section": [1, 1, 0]}
+        rope["partial_rotary_factor"] = config.pop("partial_rotary_factor")
+        text = {**config, "model_type": f"{arch}_text", "rope_parameters": rope}
+        config = {"model_type": model_type or arch, "text_config": text, "vision_config": {"hidden_size": hidden}}
+        config |= {"tie_word_embeddings": tie, "torch_dtype": "bfloat16", "eos_token_id": eos}
+    name = arch.title().replace("_", "")  # Qwen2Moe, Qwen3Next; Qwen3_5 and Qwen3_5Moe keep their underscore
+    name = name.replace("Qwen35", "Qwen3_5")
+    config["architectures"] = [f"{name}ForCausalLM" if root == "model." else f"{name}ForConditionalGeneration"]
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, pad]}))
     return out
