@@ -1,6 +1,7 @@
 """The TitansQwen converter (mlx_titans/qwen/convert.py, convert/qwen.py) on tiny random checkpoints of every Qwen
 type it supports."""
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import mlx_lm
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.generate import stream_generate
+from mlx_lm.models.rope_utils import YarnRoPE
 from mlx_lm.models.switch_layers import SwitchLinear
 
 import mlx_titans.qwen.convert as converter
@@ -82,6 +84,22 @@ def corrupt_checkpoint(root):
     return str(path)
 
 
+def with_rope_parameters(path, **rope):
+    """The checkpoint at `path` with its RoPE settings only in transformers 5's rope_parameters."""
+    file = Path(path) / "config.json"
+    config = json.loads(file.read_text())
+    text = config.get("text_config", config)
+    text["rope_parameters"] = {"rope_theta": text.pop("rope_theta", 1e6), **text.get("rope_parameters", {}), **rope}
+    file.write_text(json.dumps(config))
+    return str(path)
+
+
+def pytorch_only(root):
+    path = make_tiny_qwen(root / "bin", "qwen2")
+    (path / "model.safetensors").rename(path / "pytorch_model.bin")
+    return str(path)
+
+
 BAD_SOURCES = {
     "missing path": (lambda root: str(root / "nope"), "does not exist"),
     "non-Qwen": (
@@ -89,6 +107,11 @@ BAD_SOURCES = {
         f"'llama' model; TitansQwen supports model_type {', '.join(QWEN_TYPES)}",
     ),
     "corrupt safetensors": (corrupt_checkpoint, "cannot read the weights"),
+    "PyTorch weights only": (pytorch_only, "holds PyTorch weights (pytorch_model.bin) but no model*.safetensors"),
+    "YaRN that mlx-lm's qwen3_moe drops": (
+        lambda root: with_rope_parameters(make_tiny_qwen(root / "moe", "qwen3_moe"), rope_type="yarn", factor=4.0),
+        "asks for 'yarn' RoPE scaling, which mlx-lm's qwen3_moe does not apply",
+    ),
 }
 
 
@@ -101,6 +124,23 @@ def test_convert_bad_source_one_line_nothing_written(case, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
     assert list(work.iterdir()) == []
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "qwen3_next", "qwen3_5"])
+def test_rope_settings_only_in_rope_parameters_are_honoured(arch, tmp_path):
+    """transformers 5 writes rope_theta and YaRN only in rope_parameters, which mlx-lm's qwen2 and qwen3_next do not
+    read: TitansQwen and the converted folder (in stock mlx-lm too) run them, as mlx-lm's qwen3 and qwen3_5 do."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192, "rope_theta": 1e4}
+    hf = with_rope_parameters(make_tiny_qwen(tmp_path / "hf", arch), **yarn)
+    converter.convert(hf, tmp_path / "out", dtype="float32")  # MLX's CPU runs MoE experts (gather_mm) in float32 only
+    ours, converted, stock = load(hf)[0], load(tmp_path / "out")[0], mlx_lm.load(str(tmp_path / "out"))[0]
+    for model in (ours, converted, stock):
+        ropes = [layer.self_attn.rope for layer in model.layers if "self_attn" in layer]
+        assert ropes and all(isinstance(rope, YarnRoPE) for rope in ropes)
+    tokens = mx.random.randint(3, 1000, (1, 24))
+    assert mx.array_equal(converted(tokens), stock(tokens))
+    theta = with_rope_parameters(make_tiny_qwen(tmp_path / "theta", arch), rope_theta=1e4)
+    assert {layer.self_attn.rope.base for layer in load(theta)[0].layers if "self_attn" in layer} == {1e4}
 
 
 def test_convert_unknown_hub_id_offline_as_script(tmp_path):

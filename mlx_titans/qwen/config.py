@@ -26,6 +26,36 @@ def check_model_type(config: dict, where: str = "the config") -> None:
         )
 
 
+UNSCALED_ROPE = ("qwen2_moe", "qwen3_moe")  # types whose mlx-lm attention is a plain RoPE: it applies no scaling
+
+
+def rope_type(settings: dict) -> str:
+    """The RoPE type of a rope_scaling / rope_parameters dict, read as mlx-lm's initialize_rope reads it."""
+    return settings.get("type") or settings.get("rope_type", "default")
+
+
+def rope_settings(config: dict) -> dict:
+    """config.json's RoPE settings under the keys mlx-lm's ModelArgs read, where the config has them only in
+    transformers 5's rope_parameters: mlx-lm's qwen2, qwen2_moe, qwen3_moe and qwen3_next read rope_theta,
+    rope_scaling and partial_rotary_factor alone and would silently run at their defaults, without the scaling (YaRN
+    included). qwen3 and qwen3_5 read rope_parameters themselves; the keys added agree with what they read. A scaling
+    that the type's mlx-lm module does not apply is refused, rather than dropped."""
+    if "text_config" in config:  # a vision-language qwen3_5 / qwen3_5_moe: its text model reads rope_parameters
+        return {}
+    params = config.get("rope_parameters") or {}
+    settings = {k: params[k] for k in ("rope_theta", "partial_rotary_factor") if k in params and k not in config}
+    if config.get("rope_scaling") is None and rope_type(params) != "default":
+        settings["rope_scaling"] = params
+    scaling = config.get("rope_scaling") or settings.get("rope_scaling") or {}
+    if rope_type(scaling) != "default" and config["model_type"] in UNSCALED_ROPE:
+        raise ValueError(
+            f"config.json asks for {rope_type(scaling)!r} RoPE scaling, which mlx-lm's {config['model_type']} does "
+            "not apply; remove it from config.json to run at the native RoPE (TitansQwen's positions stay below "
+            "window + segment_size + sink_tokens)"
+        )
+    return settings
+
+
 def text_config(config: dict) -> dict:
     """The language model's config: a vision-language checkpoint's text_config (qwen3_5), else the config itself."""
     return config.get("text_config", config)

@@ -8,7 +8,7 @@ import mlx.core as mx
 from mlx_lm.utils import load_config, load_model, load_tokenizer
 
 from .adapters import load_adapters
-from .config import TitansQwenConfig, check_model_type, text_config
+from .config import TitansQwenConfig, check_model_type, rope_settings, text_config
 from .model import get_model_classes, memory_weights
 
 MEMORY_WEIGHTS = "titans_memory.safetensors"
@@ -29,12 +29,26 @@ def read_qwen_config(path: Path) -> dict:
     return config
 
 
+def check_weights(path: Path) -> None:
+    """mlx-lm reads model*.safetensors only: say what to do with a PyTorch checkpoint instead of failing on none."""
+    if not any(path.glob("model*.safetensors")):
+        bins = sorted(p.name for p in path.glob("*.bin"))
+        found = f"holds PyTorch weights ({bins[0]}) but" if bins else "has"
+        raise ValueError(
+            f"{path} {found} no model*.safetensors, the only weights mlx-lm reads: convert the checkpoint to "
+            "safetensors first (with transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR))"
+        )
+
+
 def build_model(path: Path, titans: dict, lazy: bool = False):
     """mlx-lm's load_model with TitansQwen classes, then the memory weights from MEMORY_WEIGHTS when present.
-    Returns (model, config) with the resolved titans section in config."""
+    Returns (model, config) with the resolved titans section in config, and the RoPE settings of rope_parameters
+    under the keys mlx-lm reads (so that a converted folder keeps them for stock mlx-lm too)."""
+    check_weights(path)
+    rope = rope_settings(read_qwen_config(path))
     try:
         model, config = load_model(
-            path, lazy=True, model_config={"titans": titans}, get_model_classes=get_model_classes
+            path, lazy=True, model_config={"titans": titans, **rope}, get_model_classes=get_model_classes
         )
         if (path / MEMORY_WEIGHTS).exists():
             load_memory_weights(model, path / MEMORY_WEIGHTS)
