@@ -76,7 +76,7 @@ def run(args) -> None:
     rows = []
     for name in args.presets:
         config = preset_config(name)
-        titans = TitansQwenConfig.from_section({}, config["num_hidden_layers"], config["hidden_size"]).to_section()
+        titans = TitansQwenConfig.for_config({}, config).to_section()
         rows += [row(name, config, titans, m * titans["window"], args.bits, args.tflops) for m in args.multiples]
     print(
         f"one adapter training step, batch 1, default titans section; {args.tflops} TFLOP/s effective "

@@ -23,20 +23,28 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from mlx_lm.utils import load_model
 
 from benchmarks import cost_model
 from benchmarks.machine import device_name
 from mlx_titans.files import write_json_atomic
+from mlx_titans.prefill import tokens_seen
 from mlx_titans.qwen import TitansQwenConfig, build_model, read_qwen_config
+from mlx_titans.qwen.config import text_config
 from mlx_titans.qwen.random_model import PRESETS, preset_config, random_model
 
 DEFAULT_CONTEXTS = [1 << k for k in range(10, 20)]  # 1K .. 512K
 
 
 def make_cache(model, method: str, max_kv_size: int):
-    return make_prompt_cache(model, max_kv_size=max_kv_size if method == "rotating" else None)
+    """The model's own cache; "rotating": each attention layer's KVCache a RotatingKVCache(max_kv_size, keep=4), as
+    make_prompt_cache(max_kv_size=) makes for a model without make_cache (it ignores it for the hybrids, whose
+    linear-attention layers keep their ArraysCache)."""
+    cache = make_prompt_cache(model)
+    if method == "rotating":
+        cache = [RotatingKVCache(max_size=max_kv_size, keep=4) if type(c) is KVCache else c for c in cache]
+    return cache
 
 
 def run_piece(model, cache, prompt, generation_tokens: int, prefill_step_size: int):
@@ -66,7 +74,7 @@ def measure(model, method, contexts, vocab, args, report, time_budget=float("inf
     cache = make_cache(model, method, args.max_kv_size)
     started, prefilled, prefill_total, last_rate, rates = time.perf_counter(), 0, 0.0, None, []
     for context in contexts:
-        new = context - cache[0].offset
+        new = context - tokens_seen(cache)
         if new < 1:
             continue
         if rates:  # predict this piece from the last piece's rate, slowing as it did (attention grows)
@@ -217,7 +225,7 @@ def model_source(args):
         args.quantize, args.q_bits, args.q_group_size = bool(q), (q or {}).get("bits"), (q or {}).get("group_size", 64)
     if args.window:
         section["window"] = args.window
-    titans = TitansQwenConfig.from_section(section, config["num_hidden_layers"], config["hidden_size"]).to_section()
+    titans = TitansQwenConfig.for_config(section, config).to_section()
     return path, config, titans, name
 
 
@@ -293,16 +301,17 @@ def main(argv=None):
             flush=True,
         )
 
+    vocab = text_config(config)["vocab_size"]
     for method in [] if args.rows_from else args.methods:
         print(f"== {method}: building the model", flush=True)
         tic = time.perf_counter()
         model = load_model_for(method, args, config, titans, path)
         warmup = [c for c in args.contexts if c <= args.warmup_context] or args.contexts[:1]
         print(f"   built in {time.perf_counter() - tic:.1f} s; warm-up stream to {warmup[-1]}", flush=True)
-        measure(model, method, warmup, config["vocab_size"], args, lambda row: None)
+        measure(model, method, warmup, vocab, args, lambda row: None)
         if method == args.methods[0]:
-            burn_in(model, method, config["vocab_size"], args)
-        stopped = measure(model, method, args.contexts, config["vocab_size"], args, report, args.time_budget)
+            burn_in(model, method, vocab, args)
+        stopped = measure(model, method, args.contexts, vocab, args, report, args.time_budget)
         if stopped:
             result["stopped"][method] = stopped
             print(f"   {method} {stopped}", flush=True)

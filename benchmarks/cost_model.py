@@ -12,20 +12,29 @@ Training memory adapters (mlx_titans.adapt) is bound by arithmetic too, about th
 (adapt_flops), in a peak memory of the weights, the cache kept at every segment's start and one segment's
 activations (adapt_peak_bytes).
 
-The sizes come from the config alone (checked against built models in tests/test_context_scaling.py).
+The sizes come from the config alone (checked against built models in tests/test_cost_model.py), for every type
+TitansQwen supports: an MoE layer's token reads and multiplies only its routed experts, and in a hybrid only the
+attention layers' keys and values grow with the context (its Gated DeltaNet layers keep a fixed-size state).
 """
 
 from dataclasses import dataclass
 
 import numpy as np
 
+from mlx_titans.qwen.config import text_config
+from mlx_titans.qwen.random_model import HYBRIDS
+
 M3_MAX = {"name": "Apple M3 Max", "bandwidth_gb_s": 400.0, "tflop_s": 10.6}  # 10.6: 8B 4-bit, 428 tok/s at 32K
 METHODS = ("titans", "full", "rotating")
 FLOAT32 = 4
 
 
+EIGHT_BIT_ROUTERS = ("qwen3_moe", "qwen3_next", "qwen3_5_moe")  # mlx-lm's quant_predicate: routers at 8 bits
+
+
 @dataclass(frozen=True)
 class Shapes:
+    model_type: str
     hidden: int
     layers: int
     heads: int
@@ -34,38 +43,119 @@ class Shapes:
     intermediate: int
     vocab: int
     tied: bool
-    qk_norm: bool  # Qwen3
-    qkv_bias: bool  # Qwen2
+    attention_layers: int  # the rest (hybrids) are Gated DeltaNet layers
+    sparse_layers: int  # MoE layers; the rest have the dense MLP
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0  # the shared expert (qwen2_moe, qwen3_next, qwen3_5_moe)
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_key_dim: int = 0
+    linear_value_dim: int = 0
+    conv_kernel: int = 0
 
     @classmethod
-    def from_config(cls, c: dict) -> "Shapes":
+    def from_config(cls, config: dict) -> "Shapes":
+        c, t = text_config(config), config["model_type"]
+        L, experts = c["num_hidden_layers"], c.get("num_experts", 0)
+        interval = c.get("full_attention_interval", 4) if t in HYBRIDS else 1
+        sparse = [
+            i
+            for i in range(L)
+            if experts and i not in c.get("mlp_only_layers", []) and (i + 1) % c.get("decoder_sparse_step", 1) == 0
+        ]
         return cls(
+            t,
             c["hidden_size"],
-            c["num_hidden_layers"],
+            L,
             c["num_attention_heads"],
             c["num_key_value_heads"],
             c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
             c["intermediate_size"],
             c["vocab_size"],
             c.get("tie_word_embeddings", False),
-            c["model_type"] == "qwen3",
-            c["model_type"] == "qwen2",
+            L // interval,
+            len(sparse),
+            experts,
+            c.get("num_experts_per_tok", 0),
+            c.get("moe_intermediate_size", 0),
+            c.get("shared_expert_intermediate_size", 0),
+            *(c.get(f"linear_{k}", 0) for k in ("num_key_heads", "num_value_heads", "key_head_dim", "value_head_dim")),
+            c.get("linear_conv_kernel_dim", 0),
         )
+
+    @property
+    def linear_layers(self) -> int:
+        return self.layers - self.attention_layers
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.model_type in ("qwen2", "qwen2_moe")
+
+    @property
+    def gated(self) -> bool:
+        """The hybrids' attention: q_proj also yields a gate on the output."""
+        return self.model_type in HYBRIDS
+
+    @property
+    def linear_keys(self) -> int:
+        return self.linear_key_heads * self.linear_key_dim
+
+    @property
+    def linear_values(self) -> int:
+        return self.linear_value_heads * self.linear_value_dim
+
+
+def expert_params(s: Shapes) -> int:
+    """The routed experts' weights, all layers: a token reads experts_per_token of every layer's experts."""
+    return s.sparse_layers * s.experts * 3 * s.hidden * s.expert_intermediate
+
+
+def router_params(s: Shapes) -> int:
+    """The routers (and shared-expert gates), all layers."""
+    return s.sparse_layers * s.hidden * (s.experts + (s.shared_intermediate > 0))
 
 
 def layer_matrix_params(s: Shapes) -> int:
-    """Weights of one block's matrices (quantized in a 4-bit model): attention projections and the SwiGLU MLP."""
-    return s.hidden * s.head_dim * (2 * s.heads + 2 * s.kv_heads) + 3 * s.hidden * s.intermediate
+    """The blocks' matrices, all layers, the routers left out (quantized in a 4-bit model): attention projections or
+    the Gated DeltaNet's, and the SwiGLU MLP or the experts (and shared expert)."""
+    attention = s.hidden * s.head_dim * ((2 + s.gated) * s.heads + 2 * s.kv_heads)
+    linear = s.hidden * (2 * s.linear_keys + 3 * s.linear_values + 2 * s.linear_value_heads)
+    moe = s.experts * 3 * s.hidden * s.expert_intermediate + 3 * s.hidden * s.shared_intermediate
+    mlps = (s.layers - s.sparse_layers) * 3 * s.hidden * s.intermediate + s.sparse_layers * moe
+    return s.attention_layers * attention + s.linear_layers * linear + mlps
+
+
+def active_matrix_params(s: Shapes) -> int:
+    """The blocks' matrices one token multiplies: the routers and experts_per_token experts per MoE layer."""
+    unused = expert_params(s) * (1 - s.experts_per_token / s.experts) if s.experts else 0
+    return layer_matrix_params(s) + router_params(s) - unused
 
 
 def layer_vector_params(s: Shapes) -> int:
-    """One block's vectors (never quantized): two RMSNorms, Qwen2's q/k/v biases, Qwen3's q/k norms."""
-    return 2 * s.hidden + (s.heads + 2 * s.kv_heads) * s.head_dim * s.qkv_bias + 2 * s.head_dim * s.qk_norm
+    """The blocks' vectors (never quantized), all layers: two RMSNorms each, Qwen2's q/k/v biases or the q/k norms,
+    and the Gated DeltaNet's depthwise convolution, dt_bias, A_log and norm."""
+    attention = (s.heads + 2 * s.kv_heads) * s.head_dim if s.qkv_bias else 2 * s.head_dim
+    conv = (2 * s.linear_keys + s.linear_values) * s.conv_kernel
+    linear = conv + 2 * s.linear_value_heads + s.linear_value_dim
+    return 2 * s.hidden * s.layers + s.attention_layers * attention + s.linear_layers * linear
 
 
 def matrix_bytes(n: int, bits, group_size: int, dtype_bytes: int) -> float:
     """Bytes of n weights: affine-quantized (bits per weight plus a scale and a bias per group) or plain."""
     return n * bits / 8 + n / group_size * 2 * dtype_bytes if bits else n * dtype_bytes
+
+
+def base_weight_bytes(s: Shapes, bits, group_size: int, dtype_bytes: int) -> float:
+    """The base model's parameter bytes: matrices at `bits`, the routers at 8 bits (group 64) where mlx-lm keeps
+    them so (else at `bits`), vectors in the model dtype, and qwen3_5's A_log in float32 (its cast_predicate)."""
+    routers = router_params(s) if s.model_type in EIGHT_BIT_ROUTERS else 0
+    matrices = layer_matrix_params(s) + router_params(s) - routers + s.vocab * s.hidden * (1 if s.tied else 2)
+    total = matrix_bytes(matrices, bits, group_size, dtype_bytes)
+    total += matrix_bytes(routers, 8 if bits else None, 64, dtype_bytes)
+    a_log = s.linear_layers * s.linear_value_heads * (s.model_type in ("qwen3_5", "qwen3_5_moe"))
+    return total + (layer_vector_params(s) + s.hidden - a_log) * dtype_bytes + a_log * FLOAT32
 
 
 def memory_sizes(titans: dict, hidden: int) -> dict:
@@ -87,9 +177,7 @@ def memory_sizes(titans: dict, hidden: int) -> dict:
 def weight_bytes(config: dict, method: str, titans: dict, bits=4, group_size=64, dtype_bytes=2) -> float:
     """All parameter bytes of the model (the memory weights only for titans)."""
     s = Shapes.from_config(config)
-    matrices = s.layers * layer_matrix_params(s) + s.vocab * s.hidden * (1 if s.tied else 2)
-    total = matrix_bytes(matrices, bits, group_size, dtype_bytes)
-    total += (s.layers * layer_vector_params(s) + s.hidden) * dtype_bytes
+    total = base_weight_bytes(s, bits, group_size, dtype_bytes)
     if method == "titans":
         total += len(titans["memory_layers"]) * sum(memory_sizes(titans, s.hidden).values()) * FLOAT32
     return total
@@ -106,19 +194,33 @@ def attended(method: str, context: int, titans: dict, max_kv_size: int) -> float
 
 
 def kv_bytes_per_token(config: dict, dtype_bytes=2) -> int:
+    """The keys and values of one token, in every attention layer (a hybrid's linear-attention layers keep none)."""
     s = Shapes.from_config(config)
-    return 2 * s.layers * s.kv_heads * s.head_dim * dtype_bytes
+    return 2 * s.attention_layers * s.kv_heads * s.head_dim * dtype_bytes
+
+
+def linear_state_bytes(config: dict, batch: int = 1, dtype_bytes=2) -> int:
+    """A hybrid's Gated DeltaNet layers' fixed-size state (mlx-lm's ArraysCache): the convolution's last
+    kernel - 1 inputs (model dtype) and the float32 recurrent state, heads x value dim x key dim, per layer."""
+    s = Shapes.from_config(config)
+    conv = (s.conv_kernel - 1) * (2 * s.linear_keys + s.linear_values) * dtype_bytes
+    recurrent = s.linear_value_heads * s.linear_value_dim * s.linear_key_dim * FLOAT32
+    return batch * s.linear_layers * (conv + recurrent)
 
 
 def decode_bytes(config, method, context, titans, max_kv_size, bits=4, group_size=64, dtype_bytes=2) -> float:
-    """Bytes read to generate one token at this context: the weights (the embedding table only one row) and the
-    attended keys and values; for titans also the memory layers, and per chunk (amortized) the memory MLP's
-    weights and momentum read and written by its update."""
+    """Bytes read to generate one token at this context: the weights (the embedding table only one row, of each MoE
+    layer only the experts_per_token experts routed to) and the attended keys and values (in a hybrid only its
+    attention layers', and its linear-attention state read and written); for titans also the memory layers, and per
+    chunk (amortized) the memory MLP's weights and momentum read and written by its update."""
     s = Shapes.from_config(config)
     total = weight_bytes(config, method, titans, bits, group_size, dtype_bytes)
     if not s.tied:  # the input embedding: one row of a separate table
         total -= matrix_bytes(s.vocab * s.hidden, bits, group_size, dtype_bytes) * (1 - 1 / s.vocab)
+    if s.experts:
+        total -= matrix_bytes(expert_params(s), bits, group_size, dtype_bytes) * (1 - s.experts_per_token / s.experts)
     total += kv_bytes_per_token(config, dtype_bytes) * attended(method, context, titans, max_kv_size)
+    total += 2 * linear_state_bytes(config, 1, dtype_bytes)
     if method == "titans":
         mem = memory_sizes(titans, s.hidden)
         total += len(titans["memory_layers"]) * 4 * mem["mlp"] * FLOAT32 / titans["memory"]["chunk_size"]
@@ -137,17 +239,20 @@ def mean_attended(method: str, context: int, titans: dict, max_kv_size: int) -> 
 
 def attention_flops(config, method, context, titans, max_kv_size) -> float:
     """Attention's FLOPs per token of a `context`-token prompt: scores and weighted values, 4 * heads * head_dim
-    per layer for every key a query attends."""
+    per attention layer for every key a query attends."""
     s = Shapes.from_config(config)
-    return 4 * s.layers * s.heads * s.head_dim * mean_attended(method, context, titans, max_kv_size)
+    return 4 * s.attention_layers * s.heads * s.head_dim * mean_attended(method, context, titans, max_kv_size)
 
 
 def prefill_flops(config, method, context, titans, max_kv_size) -> float:
-    """FLOPs per token of a `context`-token prompt (the output layer only runs on the last token: left out).
-    The memory: its projections, and per token a retrieval through the memory MLP plus the update's forward and
-    backward of the keys (about 4 MLP passes)."""
+    """FLOPs per token of a `context`-token prompt (the output layer only runs on the last token: left out): 2 per
+    weight a token multiplies (MoE: the routed experts only), attention, and a hybrid's Gated DeltaNet recurrence
+    (about 4 passes over its state per token, 2 FLOPs per entry: decay, read, update, output). The memory: its
+    projections, and per token a retrieval through the memory MLP plus the update's forward and backward of the keys
+    (about 4 MLP passes)."""
     s = Shapes.from_config(config)
-    flops = 2 * s.layers * layer_matrix_params(s) + attention_flops(config, method, context, titans, max_kv_size)
+    flops = 2 * active_matrix_params(s) + attention_flops(config, method, context, titans, max_kv_size)
+    flops += 8 * s.linear_layers * s.linear_value_heads * s.linear_value_dim * s.linear_key_dim
     if method == "titans":
         mem = memory_sizes(titans, s.hidden)
         flops += len(titans["memory_layers"]) * (2 * mem["matrices"] + 8 * mem["mlp"])
@@ -189,18 +294,20 @@ def memory_state_bytes(titans: dict, hidden: int, batch: int = 1) -> int:
 
 
 def cache_bytes(config: dict, titans: dict, offset: int, batch: int = 1, dtype_bytes=2) -> int:
-    """All layers' TitansCache arrays at a segment boundary `offset` > 0 tokens in: the keys and values of the
-    sinks and the window (of every token before the window fills), and the memory layers' states. A RoPE whose
-    rotations do not compose (YaRN) also keeps keys before RoPE: not counted."""
+    """All layers' cache arrays at a segment boundary `offset` > 0 tokens in: the TitansCaches' keys and values of the
+    sinks and the window (of every token before the window fills), a hybrid's linear-attention state, and the
+    memory layers' states. A RoPE whose rotations do not compose (YaRN) also keeps keys before RoPE: not counted."""
     held = min(offset, titans["sink_tokens"] + titans["window"])
-    memory = len(titans["memory_layers"]) * memory_state_bytes(titans, config["hidden_size"], batch)
-    return batch * kv_bytes_per_token(config, dtype_bytes) * held + memory
+    memory = len(titans["memory_layers"]) * memory_state_bytes(titans, Shapes.from_config(config).hidden, batch)
+    linear = linear_state_bytes(config, batch, dtype_bytes)
+    return batch * kv_bytes_per_token(config, dtype_bytes) * held + linear + memory
 
 
 def segment_activation_bytes(config: dict, titans: dict, batch: int = 1, dtype_bytes=2) -> float:
     """A rough count of what one segment's backward holds (mx.vjp of the segment): per token, the logits, their
     float32 copy and its gradient, and per layer the residual stream and the two norms' outputs, the queries and
-    attention output, the MLP's gate, up and their product (model dtype); the keys and values attended (sinks,
+    attention output (a linear-attention layer: its queries, keys, values and output gate), the MLP's gate, up and
+    their product (MoE: of the routed experts and the shared one) (model dtype); the keys and values attended (sinks,
     window and the segment); in memory layers per token the float32 queries, keys, values and the memory MLP's
     hidden activations (3 per hidden unit: the store's forward, its gradient, the read), and per chunk the memory
     weights after it, their momentum and the chunk's gradient; and one layer's attention probabilities and their
@@ -210,7 +317,10 @@ def segment_activation_bytes(config: dict, titans: dict, batch: int = 1, dtype_b
     memory_layers, keys = len(titans["memory_layers"]), titans["sink_tokens"] + titans["window"] + g
     inner = m["heads"] * (m["dim_head"] or s.hidden // m["heads"])
     per_token = s.vocab * (dtype_bytes + 2 * FLOAT32)
-    per_token += s.layers * (3 * s.hidden + 2 * s.heads * s.head_dim + 3 * s.intermediate) * dtype_bytes
+    mlp = (s.layers - s.sparse_layers) * s.intermediate
+    mlp += s.sparse_layers * (s.experts_per_token * s.expert_intermediate + s.shared_intermediate)
+    mixers = s.attention_layers * 2 * s.heads * s.head_dim + s.linear_layers * 2 * (s.linear_keys + s.linear_values)
+    per_token += (3 * s.hidden * s.layers + mixers + 3 * mlp) * dtype_bytes
     per_token += memory_layers * (3 + 3 * m["expansion"] * (m["depth"] - 1)) * inner * FLOAT32
     chunk_states = (2 + m["momentum"] * m["momentum_order"]) * memory_sizes(titans, s.hidden)["mlp"] * FLOAT32
     chunk_states *= memory_layers * g // m["chunk_size"]
@@ -223,7 +333,8 @@ def adapt_peak_bytes(config, titans, sample_length: int, batch=1, bits=4, group_
     (the memory layers' float32 gradients: the running sum and one segment's), 'optimizer' (AdamW's two moments of
     them), 'caches' (the cache at each segment's start, kept through the step: see cache_bytes), 'activations'
     (one segment's: see segment_activation_bytes), and their 'total'."""
-    trainable = len(titans["memory_layers"]) * sum(memory_sizes(titans, config["hidden_size"]).values()) * FLOAT32
+    trainable = len(titans["memory_layers"]) * sum(memory_sizes(titans, Shapes.from_config(config).hidden).values())
+    trainable *= FLOAT32
     size = titans["segment_size"]
     parts = {
         "weights": weight_bytes(config, "titans", titans, bits, group_size, dtype_bytes),

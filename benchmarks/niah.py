@@ -140,9 +140,7 @@ def titans_qwen(args):
         sys.exit("error: --qwen needs --haystack, a folder of .txt books")
     try:
         config = read_qwen_config(Path(args.qwen))
-        titans = TitansQwenConfig.from_section(
-            config.get("titans", {}), config["num_hidden_layers"], config["hidden_size"]
-        )
+        titans = TitansQwenConfig.for_config(config.get("titans", {}), config)
         tokenizer = load_tokenizer(Path(args.qwen), eos_token_ids=config.get("eos_token_id"))
         check_adapters(args.qwen, args.adapters, titans)
         haystack = read_haystack(args.haystack, tokenizer)

@@ -6,6 +6,7 @@ import json
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
+from mlx_lm.utils import load_config
 
 from benchmarks import adapt_cost, cost_model
 from mlx_titans import MemoryConfig, NeuralMemory
@@ -58,16 +59,18 @@ def test_memory_state_bytes_equal_a_real_state(changes):
     assert nbytes(state.arrays()) == cost_model.memory_state_bytes({"memory": config.to_dict()}, 32, batch=3)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3_5"])
 @pytest.mark.parametrize("dtype, dtype_bytes", [("bfloat16", 2), ("float32", 4)])
-def test_cache_bytes_equal_a_fed_titans_cache(dtype, dtype_bytes):
-    """At each segment boundary, before and after the window fills (window 24 + 4 sinks, segments of 16)."""
-    titans = section()
-    model = random_model(TINY, titans, 4, 64, dtype)
+def test_cache_bytes_equal_a_fed_titans_cache(hf, arch, dtype, dtype_bytes):
+    """At each segment boundary, before and after the window fills (window 24 + 4 sinks, segments of 16); a hybrid's
+    Gated DeltaNet layer (with a memory: LinearCache) keeps its fixed-size state beside."""
+    titans, config = section(), TINY if arch == "qwen2" else load_config(hf[arch])
+    model = random_model(config, titans, 4, 64, dtype)
     cache, tokens = model.make_cache(), mx.random.randint(0, 512, (2, 48), key=mx.random.key(1))
     for start in range(0, 48, 16):
         model(tokens[:, start : start + 16], cache)
         mx.eval([c.state for c in cache])
-        assert sum(c.nbytes for c in cache) == cost_model.cache_bytes(TINY, titans, start + 16, 2, dtype_bytes)
+        assert sum(c.nbytes for c in cache) == cost_model.cache_bytes(config, titans, start + 16, 2, dtype_bytes)
 
 
 def test_peak_grows_by_one_full_cache_per_segment():

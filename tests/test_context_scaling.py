@@ -3,8 +3,10 @@
 import json
 
 import pytest
+from mlx_lm.utils import load_model
 
 from benchmarks import context_scaling
+from mlx_titans.qwen.convert import convert
 
 pytestmark = pytest.mark.benchmark  # smoke tests of a benchmarks/ command line, at tiny sizes
 
@@ -79,3 +81,22 @@ def test_benchmark_end_to_end(tmp_path):
 def test_bad_contexts_are_refused():
     with pytest.raises(SystemExit):
         context_scaling.parse_args(["--contexts", "4096", "1024"])
+
+
+def test_a_converted_hybrid_moe(hf, tmp_path):
+    """--model a converted qwen3_5_moe (Gated DeltaNet and attention layers, experts): every method runs, the
+    rotating cache only in its attention layers, and the cost model's KV bytes count those layers alone."""
+    convert(hf["qwen3_5_moe"], tmp_path / "q", quantize=True)
+    out = tmp_path / "cs.json"
+    argv = ["--model", str(tmp_path / "q"), "--contexts", "128", "256", "--window", "64", "--max-kv-size", "64"]
+    argv += ["--warmup-context", "128", "--burn-in", "0", "-g", "4", "--prefill-step-size", "64", "--out", str(out)]
+    context_scaling.main(argv)
+    result = json.loads(out.read_text())
+    assert [(r["method"], r["context"]) for r in result["rows"]] == [
+        (m, n) for m in ("titans", "full", "rotating") for n in (128, 256)
+    ]
+    model = load_model(tmp_path / "q")[0]
+    rotating = context_scaling.make_cache(model, "rotating", 64)
+    assert [type(c).__name__ for c in rotating] == ["ArraysCache", "RotatingKVCache"]
+    full = {c["context"]: c["kv_gb"] for c in result["analytic"]["cost"] if c["method"] == "full"}
+    assert full[256] - full[128] == 128 * 2 * 1 * 2 * 16 * 2 / 1e9  # one attention layer: 2 KV heads of 16

@@ -3,26 +3,35 @@
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
+from mlx_lm.utils import load_config
 
 from benchmarks import context_scaling, cost_model
 from mlx_titans.qwen import TitansQwenConfig
+from mlx_titans.qwen.config import QWEN_TYPES, text_config
 from mlx_titans.qwen.random_model import preset_config, random_model
 
 TINY_QWEN3 = {**preset_config("tiny"), "model_type": "qwen3", "head_dim": 32, "tie_word_embeddings": False}
 
 
 def section(config, **overrides):
+    text = text_config(config)
     return TitansQwenConfig.from_section(
         {"memory_layers": [1], "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8}, **overrides},
-        config["num_hidden_layers"],
-        config["hidden_size"],
+        text["num_hidden_layers"],
+        text["hidden_size"],
     ).to_section()
 
 
-@pytest.mark.parametrize("config", [preset_config("tiny"), TINY_QWEN3], ids=["qwen2-tied", "qwen3"])
+def tiny_config(hf, arch) -> dict:
+    return load_config(hf[arch]) if arch in hf else {"tiny": preset_config("tiny"), "qwen3": TINY_QWEN3}[arch]
+
+
+@pytest.mark.parametrize("arch", ["tiny", "qwen3", *list(QWEN_TYPES)[2:]])  # tiny: qwen2 tied
 @pytest.mark.parametrize("method", ["titans", "full"])
 @pytest.mark.parametrize("bits", [4, None])
-def test_weight_bytes_equal_the_built_model(config, method, bits):
+def test_weight_bytes_equal_the_built_model(hf, arch, method, bits):
+    """Every type: MoE experts, routers kept at 8 bits, Gated DeltaNet layers, a vision-language text model."""
+    config = tiny_config(hf, arch)
     titans = section(config, memory={"heads": 2, "dim_head": 16, "conv_size": 4, "qk_rmsnorm": True})
     model = random_model(config, titans if method == "titans" else None, bits, 64, "bfloat16")
     actual = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
@@ -63,6 +72,21 @@ def test_costs_grow_with_context_only_for_the_full_cache():
     # the M3 Max reference: an 8B 4-bit model prefills 32K at ~428 tok/s, i.e. ~10.6 TFLOP/s of these FLOPs
     flops = cost_model.prefill_flops(preset_config("qwen3-8b"), "full", 32768, titans, 4096)
     assert 380 < cost_model.M3_MAX["tflop_s"] * 1e12 / flops < 480
+
+
+def test_only_attention_layers_keys_grow_in_a_hybrid():
+    """Qwen3.6-35B-A3B: only 10 of its 40 layers attend, ~20 KB of keys and values per token (paper-and-peers.md
+    §8), against Qwen3-8B's 144 KiB; its decode at 512K reads ~3B active weights, not all 35B."""
+    hybrid, dense = preset_config("qwen3.6-35b-a3b"), preset_config("qwen3-8b")
+    assert cost_model.kv_bytes_per_token(hybrid) == 2 * 10 * 2 * 256 * 2 == 20480
+    assert cost_model.kv_bytes_per_token(dense) == 144 * 1024
+    titans = section(hybrid)
+    for method in cost_model.METHODS:
+        short, long = (cost_model.decode_bytes(hybrid, method, n, titans, 4096) for n in (8192, 524288))
+        assert long - short == (20480 * (524288 - 8192) if method == "full" else 0)
+    for name in ("qwen3-30b-a3b", "qwen3.6-35b-a3b"):  # "A3B": ~3B of their parameters active per token
+        s = cost_model.Shapes.from_config(preset_config(name))
+        assert 2.5e9 < cost_model.active_matrix_params(s) + 2 * s.vocab * s.hidden < 4e9
 
 
 def test_fit_recovers_a_linear_cost():

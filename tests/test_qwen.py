@@ -273,9 +273,11 @@ def test_memory_state_of_another_model_is_refused(hf, tmp_path):
         load_cache_file(hf["qwen2"] / "model.safetensors", model)
 
 
-def test_peak_memory_flat_in_context_length(hf):
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3_5"])
+def test_peak_memory_flat_in_context_length(hf, arch):
+    """The whole cache is bounded: the window and the memory states, and a hybrid's linear-attention state."""
     model = titans_model(
-        hf["qwen2"],
+        hf[arch],
         0.05,
         memory_layers=[1],
         window=32,

@@ -103,6 +103,12 @@ class TitansQwenConfig:
             bad(f"segment_size {cfg.segment_size} must be a multiple of the memory chunk_size {cfg.memory.chunk_size}")
         return cfg
 
+    @classmethod
+    def for_config(cls, section: dict, config: dict) -> "TitansQwenConfig":
+        """from_section for the language model of a Qwen config.json (a vision-language one's text_config)."""
+        text = text_config(config)
+        return cls.from_section(section, text["num_hidden_layers"], text["hidden_size"])
+
     @property
     def first_beyond_window(self) -> int:
         """The first position whose attention no longer sees every token before it: the start of the first segment

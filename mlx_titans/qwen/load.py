@@ -8,7 +8,7 @@ import mlx.core as mx
 from mlx_lm.utils import load_config, load_model, load_tokenizer
 
 from .adapters import load_adapters
-from .config import TitansQwenConfig, check_model_type, rope_settings, text_config
+from .config import TitansQwenConfig, check_model_type, rope_settings
 from .model import get_model_classes, memory_weights
 
 MEMORY_WEIGHTS = "titans_memory.safetensors"
@@ -79,8 +79,7 @@ def load(path, *, window: Optional[int] = None, memory: Optional[dict] = None, a
     path = Path(path)
     config = read_qwen_config(path)
     titans = dict(config.get("titans", {}))
-    text = text_config(config)
-    trained = TitansQwenConfig.from_section(titans, text["num_hidden_layers"], text["hidden_size"]).to_section()
+    trained = TitansQwenConfig.for_config(titans, config).to_section()
     if window is not None:
         titans["window"] = window
     if memory:

@@ -9,6 +9,7 @@ quantization group size 64. random_model builds a TitansQwen or a stock mlx-lm m
 e.g. one of PRESETS (the shapes of real Hugging Face configs), cast and quantized as the converter does.
 """
 
+import copy
 import importlib
 import json
 import sys
@@ -209,7 +210,7 @@ def make_tiny_qwen(
     return out
 
 
-PRESETS = {  # the shapes of the Hugging Face configs
+PRESETS = {  # the shapes of the Hugging Face configs (the qwen3.6 ones partly inferred: see their notes)
     "qwen2.5-0.5b": dict(
         model_type="qwen2",
         hidden_size=896,
@@ -241,6 +242,80 @@ PRESETS = {  # the shapes of the Hugging Face configs
         vocab_size=151936,
         tie_word_embeddings=False,
     ),
+    # Qwen/Qwen3-30B-A3B's config.json (every layer sparse: decoder_sparse_step 1, no mlp_only_layers)
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe",
+        hidden_size=2048,
+        num_hidden_layers=48,
+        intermediate_size=6144,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=768,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        norm_topk_prob=True,
+        vocab_size=151936,
+        tie_word_embeddings=False,
+        max_position_embeddings=40960,
+    ),
+    # Qwen3.6-35B-A3B (qwen3_5_moe), a text-only config. From shared/reference/paper-and-peers.md §8: 40 layers of
+    # which 10 attend (full_attention_interval 4), a KV cache of ~20 KB per token (2 x 10 layers x 2 KV heads x
+    # head_dim 256 x 2 bytes), vocab 248,320. The rest is inferred, not read from the published config (no Hub
+    # here): Qwen3-Next-80B-A3B's published widths (hidden 2048, 16 query heads, linear attention 16 key / 32 value
+    # heads of 128, experts of 512 with a shared one of 512, 10 of 512 routed) with 256 experts, 8 routed, which
+    # gives ~35B parameters, ~3B active. partial_rotary_factor 0.25 and rope_theta 1e7 as Qwen3-Next.
+    "qwen3.6-35b-a3b": dict(
+        model_type="qwen3_5_moe",
+        hidden_size=2048,
+        num_hidden_layers=40,
+        intermediate_size=512,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        head_dim=256,
+        full_attention_interval=4,
+        linear_num_key_heads=16,
+        linear_num_value_heads=32,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        linear_conv_kernel_dim=4,
+        num_experts=256,
+        num_experts_per_tok=8,
+        moe_intermediate_size=512,
+        shared_expert_intermediate_size=512,
+        norm_topk_prob=True,
+        vocab_size=248320,
+        tie_word_embeddings=False,
+        max_position_embeddings=262144,
+        rope_theta=1e7,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25},
+    ),
+    # Qwen3.6-27B (qwen3_5, dense hybrid), a text-only config. From §8: the qwen3_5 architecture (3 Gated DeltaNet
+    # layers to 1 attention layer), vocab 248,320. The widths are inferred, not read from the published config:
+    # hidden 5120, 64 layers, 24 query / 4 KV heads of 256, linear attention 16 key / 48 value heads of 128, MLP
+    # 17,408, which gives ~27B parameters; RoPE as the preset above.
+    "qwen3.6-27b": dict(
+        model_type="qwen3_5",
+        hidden_size=5120,
+        num_hidden_layers=64,
+        intermediate_size=17408,
+        num_attention_heads=24,
+        num_key_value_heads=4,
+        head_dim=256,
+        full_attention_interval=4,
+        linear_num_key_heads=16,
+        linear_num_value_heads=48,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        linear_conv_kernel_dim=4,
+        vocab_size=248320,
+        tie_word_embeddings=False,
+        max_position_embeddings=262144,
+        rope_theta=1e7,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25},
+    ),
     "tiny": dict(
         model_type="qwen2",
         hidden_size=64,
@@ -256,8 +331,9 @@ COMMON = dict(rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=3
 
 
 def preset_config(name: str) -> dict:
-    """The Qwen config of a preset: its shapes and the settings every preset shares."""
-    return {**COMMON, **PRESETS[name]}
+    """The Qwen config of a preset: its shapes and the settings every preset shares (a copy: mlx-lm's qwen3_5
+    rewrites rope_parameters in place)."""
+    return copy.deepcopy({**COMMON, **PRESETS[name]})
 
 
 def random_model(config: dict, titans=None, bits=None, group_size: int = 64, dtype: str = "bfloat16"):
