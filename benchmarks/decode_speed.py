@@ -40,6 +40,8 @@ from benchmarks.context_scaling import (
 )
 from benchmarks.machine import device_name
 from mlx_titans.files import write_json_atomic
+from mlx_titans.prefill import tokens_seen
+from mlx_titans.qwen.config import text_config
 
 METHODS = ("titans", "window", "full", "rotating")  # window: TitansQwen without memory layers (its attention alone)
 
@@ -121,7 +123,7 @@ def sync_summary(rows: list) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     path, config, titans, name = model_source(args)
-    vocab = config["vocab_size"]
+    vocab = text_config(config)["vocab_size"]
     models = {}
     for method in args.methods:
         tic = time.perf_counter()
@@ -164,7 +166,7 @@ def main(argv=None):
         order = args.methods[k % len(args.methods) :] + args.methods[: k % len(args.methods)]
         result["rounds"].append({method: burst(method, caches[method]) for method in order})
         result["summary"] = summary(result["rounds"], args.methods, args.generation_tokens)
-        result["final_context"] = caches["full"][0].offset
+        result["final_context"] = tokens_seen(caches["full"])
         write_json_atomic(Path(args.out), result)  # after every round: a run cut short keeps what it measured
         print(
             f"round {k + 1}: " + ", ".join(f"{m} {result['rounds'][-1][m]:.1f} tok/s" for m in args.methods), flush=True

@@ -6,6 +6,7 @@ import mlx.core as mx
 import pytest
 
 from benchmarks import decode_speed
+from mlx_titans.qwen.convert import convert
 from mlx_titans.qwen.random_model import preset_config, random_model
 from test_cost_model import section
 
@@ -95,3 +96,12 @@ def test_decode_speed_refuses_a_missing_model(tmp_path):
         decode_speed.parse_args(["--model", str(tmp_path), "--methods", "window"])
     with pytest.raises(SystemExit):
         decode_speed.parse_args(["--sync-tokens", "-1"])
+
+
+def test_decode_speed_on_a_converted_hybrid(hf, tmp_path):
+    """A qwen3_5_moe: the context is counted on its attention layers' caches (its first layer's cache is linear)."""
+    convert(hf["qwen3_5_moe"], tmp_path / "q", quantize=True)
+    argv = ["--model", str(tmp_path / "q"), "--context", "96", "-g", "4", "--rounds", "2", "--burn-in", "0"]
+    result = decode_speed.main([*argv, "--methods", "titans", "rotating", "--out", str(tmp_path / "d.json")])
+    assert set(result["summary"]) == {"titans", "rotating", "full"}
+    assert 96 + 2 * 4 < result["final_context"] <= 96 + 1 + 2 * (4 + 2)
