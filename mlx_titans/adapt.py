@@ -40,6 +40,7 @@ from .data import random_windows, shard, split_files, token_stream, valid_window
 from .files import cache_root, save_safetensors_atomic, write_json_atomic
 from .qwen import load as load_titans_qwen
 from .qwen.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, adapter_weights, make_trainable
+from .qwen.model import output_layer
 from .text_needles import TASKS, make_haystack, training_row
 from .train import barrier, checkpoints, lr_schedule, ranks_in_sync, read_checkpoint, step_loop, write_checkpoint
 
@@ -269,10 +270,6 @@ def load_teacher(path, model):
     return teacher
 
 
-def teacher_head(teacher):
-    return teacher.model.embed_tokens.as_linear if teacher.args.tie_word_embeddings else teacher.lm_head
-
-
 def check_config(c: dict, world_size: int) -> None:
     """Every setting that can be wrong, before anything is loaded or written."""
     for key in ("model", "data"):
@@ -376,7 +373,7 @@ def train_step(run: Run, batch) -> tuple:
     global_weight = float(batch[2].sum())
     inputs, targets, weights, answer_rows = (mx.array(a) for a in shard(batch, group.rank(), group.size()))
     teacher_hidden = None if run.teacher is None else mx.stop_gradient(run.teacher.model(inputs))
-    head = None if run.teacher is None else teacher_head(run.teacher)
+    head = None if run.teacher is None else output_layer(run.teacher)
 
     args = (inputs, targets, weights, answer_rows, teacher_hidden, head, group.size() / global_weight)
     if c["grad_checkpoint"]:

@@ -171,6 +171,22 @@ def test_adapt_trains_only_the_memory_of_a_4bit_base_and_writes_mlx_lm_layout(ba
     assert sorted(p.name for p in out.glob("step-*")) == ["step-00000002", "step-00000004"]
 
 
+def test_adapt_distils_a_hybrid_vision_language_moe_and_fuses_it(base, hf, tmp_path, capsys):
+    """A converted qwen3_5_moe (vision-language layout: its language_model's head), distilled from its own base with
+    full attention, LoRA on its last layer; fused, the folder runs as the adapters do."""
+    convert(hf["qwen3_5_moe"], tmp_path / "titans", quantize=True, titans=SMALL)
+    shutil.copytree(base / "docs", tmp_path / "docs")
+    out = tmp_path / "adapters"
+    assert adapt(flags(tmp_path, out, "--teacher", "full", "--lora-layers", "1")) == 0
+    assert np.isfinite(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["train_loss"])
+    assert (
+        fuse(["--model", str(tmp_path / "titans"), "--adapter-path", str(out), "--save-path", str(tmp_path / "f")]) == 0
+    )
+    tokens = mx.array([[5, 6, 7, 8]])
+    adapted, fused = load(tmp_path / "titans", adapter_path=out)[0], load(tmp_path / "f")[0]
+    assert mx.allclose(adapted(tokens), fused(tokens), atol=0.1)  # LoRA merged into 4-bit weights: requantized
+
+
 def test_resume_continues_exactly(base, tmp_path, capsys):
     assert adapt(flags(base, tmp_path / "whole")) == 0
     assert adapt(flags(base, tmp_path / "split", "--iters", "2")) == 0

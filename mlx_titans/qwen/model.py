@@ -56,6 +56,13 @@ def memory_weights(model) -> dict:
     return {k: v for k, v in tree_flatten(model.parameters()) if is_memory_weight(k)}
 
 
+def output_layer(model):
+    """mlx-lm's Qwen output layer of a stock or TitansQwen model: lm_head where it has one (qwen2_moe always does),
+    else the tied embedding; a vision-language model's (qwen3_5) is its language_model's."""
+    text = getattr(model, "language_model", model)
+    return text.lm_head if "lm_head" in text else text.model.embed_tokens.as_linear
+
+
 def window_attention(attn, x, mask, cache: TitansCache):
     """mlx-lm's Qwen attention over a TitansCache, with RoPE at the cache's bounded positions: qwen2 / qwen3 and
     their MoEs, and qwen3_next / qwen3_5's gated attention (its q_proj also yields a sigmoid gate on the output)."""
@@ -165,10 +172,7 @@ class TitansQwen:
         return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=1)
 
     def head(self, h):
-        """mlx-lm's Qwen output layer: lm_head where the model has one (qwen2_moe always does), else the tied
-        embedding."""
-        text = self.text_model
-        return text.lm_head(h) if "lm_head" in text else text.model.embed_tokens.as_linear(h)
+        return output_layer(self)(h)
 
     def description(self) -> dict:
         """What a saved cache depends on: the language model's config (shapes, RoPE) and the titans section."""
