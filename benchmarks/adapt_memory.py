@@ -26,7 +26,7 @@ from mlx_titans.qwen.adapters import make_trainable
 
 
 def measure(model, length: int, checkpoint: bool, repeats: int) -> dict:
-    tokens = mx.random.randint(0, model.args.vocab_size, (1, length + 1), key=mx.random.key(length))
+    tokens = mx.random.randint(0, model.text_model.args.vocab_size, (1, length + 1), key=mx.random.key(length))
     args = (tokens[:, :-1], tokens[:, 1:], mx.ones((1, length)), mx.array([False]))
     if checkpoint:
         step = lambda: value_and_grad(model, *args)
