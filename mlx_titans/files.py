@@ -2,6 +2,7 @@
 NeuralMemory's state files, and one-line CLI errors."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -82,12 +83,25 @@ def write_json_atomic(path, obj) -> None:
     os.replace(tmp, path)
 
 
-def run_reporting_errors(action, errors=(OSError, ValueError, RuntimeError)) -> int:
-    """Call action(); an expected failure prints one `error: ...` line (exit 1), Ctrl-C exits 130."""
+def command_name(module: str) -> str:
+    """The command a user types to run `module`'s command line, for its usage line: argparse's default is the file's
+    name (`generate.py`), which `python -m mlx_titans.generate` never shows."""
+    script = Path(sys.argv[0])
+    if script.suffix != ".py":  # a console script, e.g. mlx-titans-generate
+        return script.name
+    spec = importlib.util.find_spec(module)
+    if spec is not None and spec.origin is not None and script.resolve() == Path(spec.origin).resolve():
+        return f"python -m {module}"
+    return f"python {sys.argv[0]}"  # a thin script of its own: convert/qwen.py
+
+
+def run_reporting_errors(action, errors=(OSError, ValueError, RuntimeError), interrupted="nothing written") -> int:
+    """Call action(); an expected failure prints one `error: ...` line (exit 1), Ctrl-C one line saying what was
+    kept (exit 130). The exit statuses of every mlx-titans command line."""
     try:
         action()
     except KeyboardInterrupt:
-        print("error: interrupted; nothing written", file=sys.stderr)
+        print(f"error: interrupted; {interrupted}", file=sys.stderr)
         return 130
     except errors as e:
         lines = str(e).strip().splitlines() or [type(e).__name__]

@@ -34,7 +34,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
 from .data import load_task_source, random_windows, shard, split_files, token_stream, valid_windows
-from .files import atomic_folder, write_json_atomic
+from .files import atomic_folder, command_name, run_reporting_errors, write_json_atomic
 from .model import TitansLMConfig, TitansLM, save_model
 from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
@@ -79,7 +79,7 @@ def json_arg(text):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m mlx_titans.train",
+        prog=command_name("mlx_titans.train"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
@@ -150,8 +150,10 @@ def read_settings(path) -> dict:
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
         settings = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"config file {path} is not a JSON object of settings")
     unknown = set(settings) - set(DEFAULTS) - set(MODEL_KEYS)
     if unknown:
         raise ValueError(f"config file {path} has unknown settings {sorted(unknown)}")
@@ -173,6 +175,22 @@ def find_checkpoint(path) -> Path:
     return found[-1]
 
 
+def read_trainer_state(checkpoint: Path) -> dict:
+    """trainer_state.json of a checkpoint (mlx_titans.train's or mlx_titans.adapt's); one clear error if damaged."""
+    file = Path(checkpoint) / "trainer_state.json"
+    try:
+        state = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e})") from None
+    if (
+        not isinstance(state, dict)
+        or not {"step", "data_rng", "config"} <= set(state)
+        or not isinstance(state["config"], dict)
+    ):
+        raise ValueError(f"{file} is not a trainer state (needs step, data_rng and config)")
+    return state
+
+
 def parse_settings(argv=None) -> dict:
     """A command line's settings: the --config file's, and the flags over them."""
     flags = vars(build_parser().parse_args(argv))
@@ -187,7 +205,7 @@ def resolve_config(settings: dict) -> dict:
     saved = {}
     if resume:
         checkpoint = find_checkpoint(resume)
-        saved = json.loads((checkpoint / "trainer_state.json").read_text())["config"]
+        saved = read_trainer_state(checkpoint)["config"]
         saved["resume"] = str(checkpoint)
         if (checkpoint / "tokenizer.json").is_file():
             saved["tokenizer"] = str(checkpoint / "tokenizer.json")
@@ -378,8 +396,11 @@ def write_checkpoint(folder: Path, step: int, write_weights, optimizer, rng, con
 def read_checkpoint(checkpoint: Path, optimizer, rng) -> int:
     """The optimizer state and the data order's RNG state back from a checkpoint; returns its step."""
     optimizer.state = tree_unflatten(list(mx.load(str(checkpoint / "optimizer.safetensors")).items()))
-    trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
-    rng.bit_generator.state = trainer_state["data_rng"]
+    trainer_state = read_trainer_state(checkpoint)
+    try:
+        rng.bit_generator.state = trainer_state["data_rng"]
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{checkpoint}/trainer_state.json: data_rng is not a generator state ({e})") from None
     return trainer_state["step"]
 
 
@@ -517,11 +538,16 @@ def train(config: dict) -> dict:
 
 
 def main(argv=None) -> dict:
-    try:
-        summary = train(resolve_config(parse_settings(argv)))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    """The command line: the summary, or SystemExit with the status of every mlx-titans command (1: bad settings or
+    inputs, one `error:` line; 130: Ctrl-C, the checkpoints already written kept)."""
+    summary = {}
+    code = run_reporting_errors(
+        lambda: summary.update(train(resolve_config(parse_settings(argv)))),
+        (OSError, ValueError, RuntimeError, FloatingPointError),
+        "the checkpoints written so far are kept (--resume continues)",
+    )
+    if code:
+        sys.exit(code)
     if mx.distributed.init().rank() == 0:
         print(json.dumps(summary), flush=True)
     return summary

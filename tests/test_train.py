@@ -268,7 +268,7 @@ def test_bad_inputs_give_one_error_line(case, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         main([*flags, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert exit.value.code == 1 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
 def test_command_line_exit_status(tmp_path):
@@ -289,5 +289,5 @@ def test_command_line_exit_status(tmp_path):
         text=True,
         timeout=60,
     )
-    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip() == f"error: data folder {tmp_path / 'nowhere'} does not exist"

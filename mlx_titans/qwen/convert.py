@@ -25,7 +25,7 @@ from mlx.utils import tree_map_with_path
 from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_tokenizer, quantize_model, save
 from tqdm import tqdm
 
-from ..files import atomic_folder, run_reporting_errors
+from ..files import atomic_folder, command_name, run_reporting_errors
 from ..train import json_arg
 from . import MEMORY_WEIGHTS, build_model, memory_weights, read_qwen_config
 
@@ -128,13 +128,16 @@ def titans_section(args) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Convert a Hugging Face Qwen2/Qwen2.5/Qwen3 model to TitansQwen (MLX)."
+        prog=command_name("mlx_titans.qwen.convert"),
+        description="Convert a Hugging Face Qwen2/Qwen2.5/Qwen3 model to TitansQwen (MLX).",
     )
     parser.add_argument("--hf-path", "--model", required=True, help="local HF directory or Hugging Face Hub id")
-    parser.add_argument("--mlx-path", default="mlx_model", help="output directory (must not exist)")
+    parser.add_argument(
+        "--mlx-path", default="mlx_model", help="output directory, must not exist (default: %(default)s)"
+    )
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize the base model (not the memory)")
-    parser.add_argument("--q-bits", type=int, default=4, help="bits per weight")
-    parser.add_argument("--q-group-size", type=int, default=64, help="quantization group size")
+    parser.add_argument("--q-bits", type=int, default=4, help="bits per weight (default: %(default)s)")
+    parser.add_argument("--q-group-size", type=int, default=64, help="quantization group size (default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPES, help="base weights dtype (default: config's torch_dtype)")
     titans = parser.add_argument_group("titans (defaults: mlx_titans.qwen.TitansQwenConfig)")
     titans.add_argument("--memory-layers", type=int, nargs="+", help="layer indices with a NeuralMemory")
