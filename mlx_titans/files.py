@@ -8,7 +8,9 @@ import os
 import shutil
 import sys
 import tempfile
+import typing
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,6 +28,37 @@ def cache_root() -> Path:
 def fingerprint(obj) -> str:
     """16 hex characters of the sha256 of obj as sorted JSON: equal for equal configs."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_field_types(config) -> None:
+    """Raise ValueError unless every field of the dataclass `config` holds a value of its annotated type: a config
+    read from JSON with a string where a number belongs would otherwise fail later, deep in the model, with a message
+    about something else."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        allowed = typing.get_args(f.type) or (f.type,)  # Optional[int] -> (int, NoneType)
+        if float in allowed:
+            allowed += (int,)
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            names = " or ".join(
+                "null" if t is type(None) else t.__name__ for t in allowed if t is not int or float not in allowed
+            )
+            raise ValueError(f"{type(config).__name__}: {f.name} must be {names}, got {value!r}")
+
+
+def check_writable(path) -> None:
+    """Raise ValueError now if a file cannot be written at `path` later (a folder there, a file where a folder should
+    be, no write permission), so that a long run does not fail at its very end."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file name")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path}: no write permission in {parent}")
 
 
 def _umask() -> int:

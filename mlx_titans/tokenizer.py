@@ -41,14 +41,15 @@ def save_tokenizer(tokenizer: Tokenizer, path) -> None:
     os.replace(tmp, path)
 
 
-def load_tokenizer(path) -> Tokenizer:
+def load_tokenizer(path, require_eos: bool = True) -> Tokenizer:
+    """A tokenizer.json; training needs its EOS between documents (`require_eos`), generation does not."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file {path} does not exist")
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:  # the Rust side raises a bare Exception
-        raise ValueError(f"{path} is not a tokenizers JSON file: {e}") from None
-    if tokenizer.token_to_id(EOS) is None:
+        raise ValueError(f"{path} is not a tokenizers JSON file: {str(e).strip().splitlines()[0]}") from None
+    if require_eos and tokenizer.token_to_id(EOS) is None:
         raise ValueError(f"tokenizer {path} has no {EOS} token")
     return tokenizer
