@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
 
 EOS = "<|endoftext|>"  # id 0; separates documents in a token stream
 
@@ -27,8 +28,16 @@ def train_tokenizer(files, vocab_size: int) -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=alphabet, show_progress=False
-    )
-    tokenizer.train_from_iterator((read_text(f) for f in files), trainer)
+    )  # its own progress bars print blank lines to stdout when it is not a terminal
+    with tqdm(total=len(files), desc="tokenizer: read", unit="file", disable=None) as bar:  # on a terminal only
+
+        def texts():
+            for f in files:
+                yield read_text(f)
+                bar.update()
+            bar.set_description("tokenizer: merges")
+
+        tokenizer.train_from_iterator(texts(), trainer)
     return tokenizer
 
 

@@ -291,3 +291,20 @@ def test_command_line_exit_status(tmp_path):
     )
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip() == f"error: data folder {tmp_path / 'nowhere'} does not exist"
+
+
+def test_tokenizer_training_and_encoding_show_progress_on_a_terminal(corpus, tmp_path, monkeypatch):
+    """Before the first step, train trains the tokenizer and encodes the data: minutes on a large corpus, shown."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    run(corpus, tmp_path / "out", "--steps", "1")
+    shown = sys.stderr.getvalue()
+    assert "encode train" in shown and "encode valid" in shown
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    train_tokenizer(split_files(corpus)["train"], 300)
+    assert "tokenizer: merges" in sys.stderr.getvalue()
