@@ -143,15 +143,21 @@ def run_reporting_errors(action, errors=(OSError, ValueError, RuntimeError), int
     return 0
 
 
-def load_safetensors_checked(path, file_format: str, what: str, format_key: str = "format"):
-    """(arrays, metadata) of a file written with metadata {format_key: file_format}; one clear error otherwise."""
+def read_safetensors(path, what: str = "safetensors"):
+    """(arrays, metadata) of a .safetensors file; a missing or damaged one is one error naming it (mx.load raises a
+    RuntimeError that does not)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no {what} file at {path}")
     try:
-        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
-    except Exception as e:
+        return mx.load(str(path), format="safetensors", return_metadata=True)
+    except (RuntimeError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({str(e).strip().splitlines()[0]})") from None
+
+
+def load_safetensors_checked(path, file_format: str, what: str, format_key: str = "format"):
+    """(arrays, metadata) of a file written with metadata {format_key: file_format}; one clear error otherwise."""
+    arrays, metadata = read_safetensors(path, what)
     found = metadata.get(format_key, "")
     if found.split("/")[0] == file_format.split("/")[0] and found != file_format:
         raise ValueError(

@@ -16,7 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .blocks import VARIANTS, Block, LayerCache
-from .files import atomic_folder, check_field_types
+from .files import atomic_folder, check_field_types, read_safetensors
 from .memory_config import MemoryConfig
 
 
@@ -164,15 +164,11 @@ def load_model(path, memory: Optional[dict] = None) -> TitansLM:
         model = TitansLM(TitansLMConfig.from_dict({**config, "memory": {**saved_memory, **(memory or {})}}))
     except ValueError as e:
         raise ValueError(f"{path}/config.json: {e}") from None
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{path} has no model.safetensors")
+    weights, _ = read_safetensors(path / "model.safetensors", "TitansLM weights")
     try:
-        model.load_weights(str(weights))
-    except RuntimeError as e:  # mx.load of a damaged file
-        raise ValueError(f"{weights} is not a readable safetensors file ({str(e).strip().splitlines()[0]})") from None
+        model.load_weights(list(weights.items()))
     except ValueError as e:  # weights missing or of other shapes
-        raise ValueError(f"{weights} does not fit {path}/config.json ({str(e).strip().splitlines()[0]})") from None
+        raise ValueError(f"{path}/model.safetensors does not fit its config.json ({str(e).splitlines()[0]})") from None
     model.set_dtype(mx.float32)  # weights may be stored in half precision; the memory's updates run in float32
     mx.eval(model.parameters())
     return model

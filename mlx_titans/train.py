@@ -18,6 +18,7 @@ through the cast. Logits, the loss and evaluation are float32.
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -34,7 +35,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
 from .data import load_task_source, random_windows, shard, split_files, token_stream, valid_windows
-from .files import atomic_folder, command_name, run_reporting_errors, write_json_atomic
+from .files import atomic_folder, command_name, read_safetensors, run_reporting_errors, write_json_atomic
 from .model import TitansLMConfig, TitansLM, save_model
 from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
@@ -65,6 +66,11 @@ DEFAULTS = {
     "eval_batches": 16,
     "checkpoint_every": 500,
     "keep_checkpoints": 2,
+}
+SETTING_TYPES = {
+    **{key: (int, float) if type(d) is float else type(d) for key, d in DEFAULTS.items() if d is not None},
+    **dict.fromkeys(("data", "tokenizer", "cache_dir", "task", "out", "resume"), (str, os.PathLike)),
+    "vocab_size": int,
 }
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 VALID_SEED = [0x7A11D, 0]  # synthetic tasks: one fixed validation set for every run and seed
@@ -188,6 +194,8 @@ def read_trainer_state(checkpoint: Path) -> dict:
         or not isinstance(state["config"], dict)
     ):
         raise ValueError(f"{file} is not a trainer state (needs step, data_rng and config)")
+    if type(state["step"]) is not int or state["step"] < 0:
+        raise ValueError(f"{file}: step must be a count of steps, got {state['step']!r}")
     return state
 
 
@@ -219,6 +227,9 @@ def check_config(c: dict, world_size: int) -> None:
     unknown = set(c) - set(DEFAULTS) - set(MODEL_KEYS)
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)}")
+    for key, kind in SETTING_TYPES.items():  # a --config file or a resumed run's JSON may hold anything
+        if c[key] is not None and (not isinstance(c[key], kind) or type(c[key]) is bool):
+            raise ValueError(f"setting {key} must be of type {getattr(kind, '__name__', 'str')}, got {c[key]!r}")
     if not c["out"]:
         raise ValueError("--out DIR is required")
     if (c["data"] is None) == (c["task"] is None):
@@ -395,7 +406,9 @@ def write_checkpoint(folder: Path, step: int, write_weights, optimizer, rng, con
 
 def read_checkpoint(checkpoint: Path, optimizer, rng) -> int:
     """The optimizer state and the data order's RNG state back from a checkpoint; returns its step."""
-    optimizer.state = tree_unflatten(list(mx.load(str(checkpoint / "optimizer.safetensors")).items()))
+    optimizer.state = tree_unflatten(
+        list(read_safetensors(checkpoint / "optimizer.safetensors", "optimizer")[0].items())
+    )
     trainer_state = read_trainer_state(checkpoint)
     try:
         rng.bit_generator.state = trainer_state["data_rng"]

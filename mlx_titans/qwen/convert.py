@@ -22,12 +22,12 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_map_with_path
-from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_tokenizer, quantize_model, save
+from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, quantize_model, save
 from tqdm import tqdm
 
 from ..files import atomic_folder, command_name, run_reporting_errors
 from ..train import json_arg
-from . import MEMORY_WEIGHTS, build_model, memory_weights, read_qwen_config
+from . import MEMORY_WEIGHTS, build_model, memory_weights, qwen_tokenizer, read_qwen_config
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 DTYPES = ("float16", "bfloat16", "float32")
@@ -84,7 +84,7 @@ def convert(hf_path, mlx_path, quantize=False, q_bits=4, q_group_size=64, dtype=
         bar.update()
         bar.set_description("load")
         model, config = build_model(src, titans or {}, lazy=True)
-        tokenizer = load_tokenizer(src, eos_token_ids=config.get("eos_token_id"))
+        tokenizer = qwen_tokenizer(src, config)
         dtype = dtype or config.get("torch_dtype") or config.get("dtype")  # transformers 5 writes "dtype"
         if dtype in DTYPES:
             cast(model, dtype)

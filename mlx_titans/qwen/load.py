@@ -1,33 +1,41 @@
 """Loading TitansQwen: a converted folder (mlx-lm's weights + titans_memory.safetensors) or a plain Qwen one."""
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 from mlx_lm.utils import load_config, load_model, load_tokenizer
 
+from ..files import read_safetensors
+from ..model import read_config
 from .adapters import load_adapters
 from .config import QWEN_TYPES, TitansQwenConfig
 from .model import get_model_classes, memory_weights
 
 MEMORY_WEIGHTS = "titans_memory.safetensors"
+CONFIG_ERRORS = (
+    TypeError,
+    KeyError,
+    AttributeError,
+    IndexError,
+)  # what mlx-lm raises on a config.json field it cannot use
 
 
 def read_qwen_config(path: Path) -> dict:
     """config.json (with generation_config's eos) of a Qwen2/Qwen2.5/Qwen3 directory; ValueError otherwise."""
     if not path.is_dir():
         raise ValueError(f"no model directory at {path}")
-    try:
-        config = load_config(path)
-    except FileNotFoundError:
-        raise ValueError(f"{path} has no config.json") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}/config.json is not valid JSON ({e})") from None
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} has no config.json")
+    read_config(path)  # a JSON object, or one clear error
+    config = load_config(path)  # as mlx-lm reads it: generation_config.json's eos too
     if config.get("model_type") not in QWEN_TYPES:
         raise ValueError(
             f"{path} holds a {config.get('model_type')!r} model, not Qwen2/Qwen2.5/Qwen3 (model_type qwen2 or qwen3)"
         )
+    for key in ("num_hidden_layers", "hidden_size"):  # what the titans section is resolved against
+        if type(config.get(key)) is not int or config[key] < 1:
+            raise ValueError(f"{path}/config.json: {key} must be a positive integer, got {config.get(key)!r}")
     return config
 
 
@@ -44,12 +52,27 @@ def build_model(path: Path, titans: dict, lazy: bool = False):
             mx.eval(model.parameters())
     except (RuntimeError, FileNotFoundError) as e:  # mx.load on a corrupt file, no model*.safetensors
         raise ValueError(f"cannot read the weights in {path}: {str(e).strip().splitlines()[0]}") from None
+    except CONFIG_ERRORS as e:
+        raise damaged_config(path, e) from None
     config["titans"] = model.titans.to_section()
     return model, config
 
 
+def qwen_tokenizer(path: Path, config: dict):
+    """mlx-lm's tokenizer of a Qwen folder (it reads config.json again, as mlx-lm reads it)."""
+    try:
+        return load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except CONFIG_ERRORS as e:
+        raise damaged_config(path, e) from None
+
+
+def damaged_config(path: Path, error: Exception) -> ValueError:
+    """mlx-lm reads config.json's fields unchecked: a field of the wrong type fails anywhere inside it."""
+    return ValueError(f"mlx-lm cannot load {path}: config.json has a damaged field ({type(error).__name__}: {error})")
+
+
 def load_memory_weights(model, file: Path):
-    weights = mx.load(str(file))
+    weights, _ = read_safetensors(file, "memory weights")
     expected = memory_weights(model)
     if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
         raise ValueError(f"{file} does not fit the titans section of config.json (other memory layers or sizes)")
@@ -66,8 +89,9 @@ def load(path, *, window: Optional[int] = None, memory: Optional[dict] = None, a
     titans section, so they load with either override."""
     path = Path(path)
     config = read_qwen_config(path)
-    titans = dict(config.get("titans", {}))
-    trained = TitansQwenConfig.from_section(titans, config["num_hidden_layers"], config["hidden_size"]).to_section()
+    section = config.get("titans", {})
+    trained = TitansQwenConfig.from_section(section, config["num_hidden_layers"], config["hidden_size"]).to_section()
+    titans = dict(section)
     if window is not None:
         titans["window"] = window
     if memory:
@@ -76,4 +100,4 @@ def load(path, *, window: Optional[int] = None, memory: Optional[dict] = None, a
     if adapter_path is not None:
         load_adapters(model, adapter_path, trained)
         mx.eval(model.parameters())
-    return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id")), config
+    return model, qwen_tokenizer(path, config), config
