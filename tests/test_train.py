@@ -308,3 +308,24 @@ def test_tokenizer_training_and_encoding_show_progress_on_a_terminal(corpus, tmp
     monkeypatch.setattr(sys, "stderr", Terminal())
     train_tokenizer(split_files(corpus)["train"], 300)
     assert "tokenizer: merges" in sys.stderr.getvalue()
+
+
+def test_ctrl_c_is_one_line_and_exit_130_keeping_the_checkpoints(corpus, tmp_path, monkeypatch, capsys):
+    import mlx_titans.train as train_module
+
+    real_step_loop = train_module.step_loop
+
+    def interrupted_after_a_checkpoint(*args):
+        real_step_loop(*args[:1], 2, *args[2:])  # two steps, each checkpointed (--checkpoint-every 1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "step_loop", interrupted_after_a_checkpoint)
+    with pytest.raises(SystemExit) as exit:
+        run(corpus, tmp_path / "out", "--steps", "5", "--checkpoint-every", "1")
+    err = capsys.readouterr().err
+    assert exit.value.code == 130 and "Traceback" not in err
+    assert (
+        err.strip().splitlines()[-1]
+        == "error: interrupted; the checkpoints written so far are kept (--resume continues)"
+    )
+    assert [p.name for p in sorted((tmp_path / "out").glob("step-*"))] == ["step-00000001", "step-00000002"]
