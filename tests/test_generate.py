@@ -193,7 +193,7 @@ def one_error_line(code, err, message, expected_code=1):
 def test_damaged_checkpoints_and_bad_flags_end_in_one_line_before_any_work(checkpoint, capsys, tmp_path, monkeypatch):
     import shutil
 
-    import mlx_titans.generate as generate
+    from mlx_titans import generate
 
     def broken(name, damage):
         folder = tmp_path / name
@@ -249,7 +249,7 @@ def test_verbose_false_as_mlx_lm_reads_it(checkpoint, capsys, value):
 
 
 def test_ctrl_c_is_one_line_and_exit_130(checkpoint, capsys, tmp_path, monkeypatch):
-    import mlx_titans.generate as generate
+    from mlx_titans import generate
 
     def interrupted(*args):
         raise KeyboardInterrupt
