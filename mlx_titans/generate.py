@@ -5,7 +5,9 @@
 
 The flags follow mlx_lm.generate where they apply. Long contexts (--file) are prefilled in segments through
 the model's bounded cache (attention window + memory state) with a progress bar; --memory-state-out saves that
-state, and --memory-state-in starts a later run from it.
+state, and --memory-state-in starts a later run from it. --model also takes a training run folder (its newest
+checkpoint). Exit status: 0 done; 1 bad input or a damaged file, one `error:` line before any long work; 2 a
+malformed command line; 130 Ctrl-C.
 """
 
 import argparse
