@@ -44,20 +44,17 @@ class TitansLMConfig:
             self.mlp_dim = -(-8 * self.dim // 3 // 32) * 32
         if self.memory_layers is None:
             self.memory_layers = list(range(self.layers)) if self.variant in ("mac", "mag", "mal", "lmm") else []
+        if min(self.vocab_size, self.dim, self.layers, self.heads, self.mlp_dim, self.window) < 1:
+            raise ValueError("vocab_size, dim, layers, heads, mlp_dim and window must be >= 1")
+        if self.persistent_tokens < 0 or not all(type(i) is int and 0 <= i < self.layers for i in self.memory_layers):
+            raise ValueError(
+                f"persistent_tokens must be >= 0 and memory_layers {self.memory_layers} in 0..{self.layers - 1}"
+            )
         if self.variant == "lmm" and sorted(self.memory_layers) != list(range(self.layers)):
             raise ValueError("lmm has no attention: every layer needs a memory")
         if self.variant in ("swa", "transformer") and self.memory_layers:
             raise ValueError(f"{self.variant} is a baseline without memory; memory_layers must be empty")
         MemoryConfig.from_dict({"dim": self.dim, **self.memory})  # validate early
-
-        if min(self.vocab_size, self.dim, self.layers, self.heads, self.mlp_dim, self.window) < 1:
-            raise ValueError("vocab_size, dim, layers, heads, mlp_dim and window must be >= 1")
-        if self.persistent_tokens < 0 or not all(
-            isinstance(i, int) and 0 <= i < self.layers for i in self.memory_layers
-        ):
-            raise ValueError(
-                f"persistent_tokens must be >= 0 and memory_layers {self.memory_layers} in 0..{self.layers - 1}"
-            )
 
     @classmethod
     def from_dict(cls, d: dict) -> "TitansLMConfig":
