@@ -371,7 +371,7 @@ def setup(c: dict) -> Run:
     if c["resume"]:
         checkpoint = checkpoints(out)[-1]
         model.load_weights(str(checkpoint / ADAPTER_WEIGHTS), strict=False)
-        step = read_checkpoint(checkpoint, optimizer, rng)
+        step = read_checkpoint(checkpoint, optimizer, model.trainable_parameters(), rng)
     optimizer.init(model.trainable_parameters())
     mx.eval(model.parameters(), optimizer.state)
     out.mkdir(parents=True, exist_ok=True)

@@ -67,10 +67,10 @@ DEFAULTS = {
     "checkpoint_every": 500,
     "keep_checkpoints": 2,
 }
-SETTING_TYPES = {
-    **{key: (int, float) if type(d) is float else type(d) for key, d in DEFAULTS.items() if d is not None},
-    **dict.fromkeys(("data", "tokenizer", "cache_dir", "task", "out", "resume"), (str, os.PathLike)),
-    "vocab_size": int,
+SETTING_TYPES = {  # None only where the default is None
+    **{key: (int, float) if type(d) is float else type(d) for key, d in DEFAULTS.items()},
+    **dict.fromkeys(("data", "tokenizer", "cache_dir", "task", "out", "resume"), (str, os.PathLike, type(None))),
+    "vocab_size": (int, type(None)),
 }
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 VALID_SEED = [0x7A11D, 0]  # synthetic tasks: one fixed validation set for every run and seed
@@ -228,8 +228,9 @@ def check_config(c: dict, world_size: int) -> None:
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)}")
     for key, kind in SETTING_TYPES.items():  # a --config file or a resumed run's JSON may hold anything
-        if c[key] is not None and (not isinstance(c[key], kind) or type(c[key]) is bool):
-            raise ValueError(f"setting {key} must be of type {getattr(kind, '__name__', 'str')}, got {c[key]!r}")
+        if not isinstance(c[key], kind) or type(c[key]) is bool:
+            names = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+            raise ValueError(f"setting {key} must be of type {names}, got {c[key]!r}")
     if not c["out"]:
         raise ValueError("--out DIR is required")
     if (c["data"] is None) == (c["task"] is None):
@@ -253,6 +254,11 @@ def check_config(c: dict, world_size: int) -> None:
     ):
         if c[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {c[key]}")
+    for key in ("lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip"):
+        if not c[key] >= 0:  # NaN too
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {c[key]}")
+    if len(c["betas"]) != 2 or not all(type(b) in (int, float) and 0 <= b < 1 for b in c["betas"]):
+        raise ValueError(f"--betas must be two numbers in [0, 1), got {c['betas']}")
     if c["batch_size"] % world_size:
         raise ValueError(f"--batch-size {c['batch_size']} is not divisible by the {world_size} processes")
     if not c["resume"] and checkpoints(c["out"]):
@@ -333,7 +339,7 @@ def setup(c: dict) -> Run:
     if c["resume"]:
         checkpoint = Path(c["resume"])
         model.load_weights(str(checkpoint / "model.safetensors"))
-        step = read_checkpoint(checkpoint, optimizer, rng)
+        step = read_checkpoint(checkpoint, optimizer, model.trainable_parameters(), rng)
     optimizer.init(model.trainable_parameters())
     mx.eval(model.parameters(), optimizer.state)
     Path(c["out"]).mkdir(parents=True, exist_ok=True)
@@ -404,15 +410,21 @@ def write_checkpoint(folder: Path, step: int, write_weights, optimizer, rng, con
     return path
 
 
-def read_checkpoint(checkpoint: Path, optimizer, rng) -> int:
-    """The optimizer state and the data order's RNG state back from a checkpoint; returns its step."""
-    optimizer.state = tree_unflatten(
-        list(read_safetensors(checkpoint / "optimizer.safetensors", "optimizer")[0].items())
-    )
+def read_checkpoint(checkpoint: Path, optimizer, parameters, rng) -> int:
+    """The optimizer state (of `parameters`, the model's trainable ones) and the data order's RNG state back from a
+    checkpoint; returns its step."""
+    arrays, _ = read_safetensors(checkpoint / "optimizer.safetensors", "optimizer")
+    optimizer.init(parameters)  # a fresh state: the saved one must match it, key for key
+    fresh = dict(tree_flatten(optimizer.state))
+    if set(arrays) != set(fresh) or any(
+        (arrays[k].shape, arrays[k].dtype) != (v.shape, v.dtype) for k, v in fresh.items()
+    ):
+        raise ValueError(f"{checkpoint}/optimizer.safetensors does not fit the model's trainable parameters")
+    optimizer.state = tree_unflatten(list(arrays.items()))
     trainer_state = read_trainer_state(checkpoint)
     try:
         rng.bit_generator.state = trainer_state["data_rng"]
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
         raise ValueError(f"{checkpoint}/trainer_state.json: data_rng is not a generator state ({e})") from None
     return trainer_state["step"]
 
@@ -448,49 +460,49 @@ def step_loop(
     gives a dict of held-out metrics; save(step) writes a checkpoint (rank 0) and returns its path. Returns the last
     train loss and metrics, the training time (evaluations and checkpoints excluded) and the last checkpoint."""
     report_every, eval_every, save_every = every
-    bar = tqdm(total=steps, initial=start, disable=rank != 0, unit="step", dynamic_ncols=True)
     step, losses, window_steps, window_time, train_time = start, mx.array(0.0), 0, 0.0, 0.0
     train_loss, valid, checkpoint = None, {}, None
-    while step < steps:
-        tic = time.perf_counter()
-        loss, grad_norm = one_step()
-        losses = losses + loss
-        mx.eval(state, losses, grad_norm)
-        window_time += time.perf_counter() - tic
-        step, window_steps, last = step + 1, window_steps + 1, step + 1 == steps
-        records = []
-        if step % report_every == 0 or last:
-            train_loss = losses.item() / window_steps
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"the training loss is {train_loss} at step {step}")
-            tokens_per_s = window_steps * tokens_per_step / window_time
-            records.append(
-                {
-                    "step": step,
-                    "loss": train_loss,
-                    "grad_norm": grad_norm.item(),
-                    "lr": optimizer.learning_rate.item(),
-                    "tokens_per_s": tokens_per_s,
-                    "peak_memory_gb": mx.get_peak_memory() / 1e9,
-                }
-            )
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            train_time, losses, window_steps, window_time = train_time + window_time, mx.array(0.0), 0, 0.0
-        if step % eval_every == 0 or last:
-            valid = evaluate()
-            records.append({"step": step, **valid})
-            if rank == 0:
-                bar.write(
-                    f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in valid.items() if v is not None),
-                    file=sys.stderr,
+    # closed on an error too, so that the error's message starts a line of its own
+    with tqdm(total=steps, initial=start, disable=rank != 0, unit="step", dynamic_ncols=True) as bar:
+        while step < steps:
+            tic = time.perf_counter()
+            loss, grad_norm = one_step()
+            losses = losses + loss
+            mx.eval(state, losses, grad_norm)
+            window_time += time.perf_counter() - tic
+            step, window_steps, last = step + 1, window_steps + 1, step + 1 == steps
+            records = []
+            if step % report_every == 0 or last:
+                train_loss = losses.item() / window_steps
+                if not math.isfinite(train_loss):
+                    raise FloatingPointError(f"the training loss is {train_loss} at step {step}")
+                tokens_per_s = window_steps * tokens_per_step / window_time
+                records.append(
+                    {
+                        "step": step,
+                        "loss": train_loss,
+                        "grad_norm": grad_norm.item(),
+                        "lr": optimizer.learning_rate.item(),
+                        "tokens_per_s": tokens_per_s,
+                        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                    }
                 )
-        if rank == 0:
-            if step % save_every == 0 or last:
-                checkpoint = str(save(step))
-            with open(log_path, "a") as log:
-                log.writelines(json.dumps(r) + "\n" for r in records)
-        bar.update()
-    bar.close()
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                train_time, losses, window_steps, window_time = train_time + window_time, mx.array(0.0), 0, 0.0
+            if step % eval_every == 0 or last:
+                valid = evaluate()
+                records.append({"step": step, **valid})
+                if rank == 0:
+                    bar.write(
+                        f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in valid.items() if v is not None),
+                        file=sys.stderr,
+                    )
+            if rank == 0:
+                if step % save_every == 0 or last:
+                    checkpoint = str(save(step))
+                with open(log_path, "a") as log:
+                    log.writelines(json.dumps(r) + "\n" for r in records)
+            bar.update()
     return {
         "train_loss": train_loss,
         "valid": valid,

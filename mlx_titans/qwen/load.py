@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
+from huggingface_hub.errors import StrictDataclassError
 from mlx_lm.utils import load_config, load_model, load_tokenizer
 
 from ..files import read_safetensors
@@ -13,12 +14,8 @@ from .config import QWEN_TYPES, TitansQwenConfig
 from .model import get_model_classes, memory_weights
 
 MEMORY_WEIGHTS = "titans_memory.safetensors"
-CONFIG_ERRORS = (
-    TypeError,
-    KeyError,
-    AttributeError,
-    IndexError,
-)  # what mlx-lm raises on a config.json field it cannot use
+# what mlx-lm (its asserts included) and transformers (for the tokenizer) raise on a config.json field they cannot use
+CONFIG_ERRORS = (TypeError, KeyError, AttributeError, IndexError, ArithmeticError, AssertionError, StrictDataclassError)
 
 
 def read_qwen_config(path: Path) -> dict:
@@ -33,10 +30,28 @@ def read_qwen_config(path: Path) -> dict:
         raise ValueError(
             f"{path} holds a {config.get('model_type')!r} model, not Qwen2/Qwen2.5/Qwen3 (model_type qwen2 or qwen3)"
         )
-    for key in ("num_hidden_layers", "hidden_size"):  # what the titans section is resolved against
+    check_sizes(path, config)
+    return config
+
+
+def check_sizes(path: Path, config: dict) -> None:
+    """The sizes and numbers mlx-lm builds the model from: it reads them unchecked, and a bool, a 0, or a quantization
+    group size that does not divide a linear's input kills the process inside mlx instead of raising."""
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
         if type(config.get(key)) is not int or config[key] < 1:
             raise ValueError(f"{path}/config.json: {key} must be a positive integer, got {config.get(key)!r}")
-    return config
+    for key in ("rope_theta", "rms_norm_eps"):
+        if key in config and (type(config[key]) not in (int, float) or not config[key] > 0):
+            raise ValueError(f"{path}/config.json: {key} must be a positive number, got {config[key]!r}")
+    for key in ("quantization", "quantization_config"):
+        quant = config.get(key)
+        size = quant.get("group_size", 64) if isinstance(quant, dict) else None
+        if quant is not None and (
+            type(size) is not int or size < 1 or config["hidden_size"] % size or config["intermediate_size"] % size
+        ):
+            raise ValueError(
+                f"{path}/config.json: {key} needs a group_size dividing hidden_size and intermediate_size, got {quant!r}"
+            )
 
 
 def build_model(path: Path, titans: dict, lazy: bool = False):
