@@ -32,7 +32,7 @@ from mlx_titans.train import main as train
 from mlx_titans.train import read_trainer_state
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = 10  # JSON fields mutated per file, beside 4 JSON texts that are not objects and 7 byte-level damages
+CASES = 10  # JSON fields mutated per file, beside 4 texts that are not JSON objects and 7 byte-level damages
 ODD_VALUES = ["x", -1, 0, 2.5, None, [], {}, True, [1, "a"], {"a": None}]
 ODD_FLAGS = ["-1", "0", "nan", "x", "{", "[]", '{"a": 1}', "", "1.5", "/dev/null/x"]
 SMALL = {
