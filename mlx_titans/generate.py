@@ -268,9 +268,9 @@ def run(args) -> int:
     tic = time.perf_counter()
     context = len(ids) - 1  # the last token starts the generation
     if context:
-        bar = tqdm(total=context, unit="tok", desc="prefill", disable=not args.verbose or context <= runner.segment)
-        prefill(runner.model, mx.array(ids[:-1])[None], cache, runner.segment, lambda done, _: bar.update(done - bar.n))
-        bar.close()
+        show = args.verbose and context > runner.segment
+        with tqdm(total=context, unit="tok", desc="prefill", disable=not show) as bar:  # closed on Ctrl-C too
+            prefill(runner.model, mx.array(ids[:-1])[None], cache, runner.segment, lambda n, _: bar.update(n - bar.n))
     if args.seed is not None:  # here, after loading: building a model draws from the generator
         mx.random.seed(args.seed)
     out, prompt_time = [], None

@@ -1,9 +1,16 @@
 """python -m mlx_titans.generate on TitansLM checkpoints (the TitansQwen path is in test_qwen.py)."""
 
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from mlx_titans import generate
 from mlx_titans.generate import main
 from mlx_titans.model import TitansLMConfig, TitansLM, save_model
 
@@ -191,10 +198,6 @@ def one_error_line(code, err, message, expected_code=1):
 
 
 def test_damaged_checkpoints_and_bad_flags_end_in_one_line_before_any_work(checkpoint, capsys, tmp_path, monkeypatch):
-    import shutil
-
-    from mlx_titans import generate
-
     def broken(name, damage):
         folder = tmp_path / name
         shutil.copytree(checkpoint / "mac", folder)
@@ -249,8 +252,6 @@ def test_verbose_false_as_mlx_lm_reads_it(checkpoint, capsys, value):
 
 
 def test_ctrl_c_is_one_line_and_exit_130(checkpoint, capsys, tmp_path, monkeypatch):
-    from mlx_titans import generate
-
     def interrupted(*args):
         raise KeyboardInterrupt
 
@@ -263,8 +264,6 @@ def test_ctrl_c_is_one_line_and_exit_130(checkpoint, capsys, tmp_path, monkeypat
 
 
 def test_a_training_run_folder_runs_its_newest_checkpoint(checkpoint, capsys, tmp_path):
-    import shutil
-
     shutil.copytree(checkpoint / "mac", tmp_path / "run" / "step-00000001")
     other = TitansLM(TitansLMConfig(variant="swa", vocab_size=256, dim=32, layers=1, heads=2, window=8))
     save_model(tmp_path / "run" / "step-00000002", other, tokenizer_file=checkpoint / "tokenizer.json")
@@ -297,3 +296,21 @@ def test_the_embedded_default_model_writes_on_reproducibly(capsys):
     grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
     assert code == 0 and len(words) > 40 and len(set(grams)) > 0.9 * len(grams), text
     assert run(capsys, "--prompt", "It was a dark and stormy night", "--verbose", "F")[1] == text
+
+
+def test_ctrl_c_as_a_user_presses_it(checkpoint, tmp_path):
+    """SIGINT to the command as typed, while it generates: one line on stderr, exit status 130, no state file."""
+    out = tmp_path / "s.safetensors"
+    argv = ["--model", checkpoint / "mac", "-p", "hello", "-m", "100000", "--memory-state-out", out]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_titans.generate", *map(str, argv)],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline() == "=" * 10 + "\n"  # generating
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines() == ["error: interrupted; nothing written"], err
+    assert not out.exists()
