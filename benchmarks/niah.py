@@ -49,16 +49,10 @@ from mlx_titans.qwen.adapters import load_adapters
 from mlx_titans.tasks import TASKS
 from mlx_titans.text_eval import answer_loss, needle_accuracy, needle_samples, text_windows, window_losses
 from mlx_titans.text_needles import TASKS as TEXT_TASKS, read_haystack
-from mlx_titans.train import find_checkpoint, json_arg
+from mlx_titans.train import json_arg
 
 FROZEN_MEMORY = {"max_lr": 0.0, "max_decay": 0.0}  # no test-time updates: the memory stays at its initial weights
 ROTATING_SINKS = 4  # the keys mlx-lm's make_prompt_cache keeps at the start of a RotatingKVCache
-
-
-def checkpoint_of(path) -> Path:
-    """A TitansLM checkpoint folder as it is, or a training run's newest checkpoint."""
-    path = Path(path)
-    return path if (path / "config.json").is_file() else find_checkpoint(path)
 
 
 def titans_lm(args):
@@ -76,7 +70,7 @@ def titans_lm(args):
     for path, task, length in tqdm(work, desc="niah"):
         if path not in models:
             try:
-                models[path] = load_model(checkpoint_of(path), memory=args.memory)
+                models[path] = load_model(path, memory=args.memory)  # a checkpoint, or a run's newest
             except (ValueError, TypeError, FileNotFoundError) as e:
                 sys.exit(f"error: {e}")
         acc = accuracy(models[path], task, length, args.samples, args.batch, args.seed, args.block, haystack)

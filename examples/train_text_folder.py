@@ -3,8 +3,9 @@
     python examples/train_text_folder.py ../shared/data/books --out runs/example --steps 300
 
 The folder holds train/ and valid/ subfolders of .txt files, or .txt files that are split by file. The run folder
-gets a tokenizer, checkpoints (each one a model folder that `python -m mlx_titans.generate --model` can run) and a
-log; stop and rerun with --resume to continue. On a Mac this takes minutes; on the Linux CPU backend, much longer.
+gets a tokenizer, checkpoints and a log; `python -m mlx_titans.generate --model runs/example` runs its newest
+checkpoint. Stop and rerun with --resume to continue. On a Mac this takes minutes; on the Linux CPU backend, much
+longer.
 """
 
 import argparse
@@ -60,7 +61,7 @@ def main():
     )
     summary = train(argv + ["--steps", str(args.steps)])
     print(f"held-out perplexity {summary['valid_ppl']:.1f} after {summary['step']} steps")
-    generate(["--model", summary["checkpoint"], "-p", "The", "-m", "40", "--temp", "0.8", "--seed", "0"])
+    generate(["--model", args.out, "-p", "The", "-m", "40", "--temp", "0.8", "--seed", "0"])
 
 
 if __name__ == "__main__":

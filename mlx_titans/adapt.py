@@ -37,12 +37,21 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .data import random_windows, shard, split_files, token_stream, valid_windows
-from .files import cache_root, save_safetensors_atomic, write_json_atomic
+from .files import cache_root, command_name, run_reporting_errors, save_safetensors_atomic, write_json_atomic
 from .qwen import load as load_titans_qwen
 from .qwen.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, adapter_weights, make_trainable
 from .qwen.model import output_layer
 from .text_needles import TASKS, make_haystack, training_row
-from .train import barrier, checkpoints, lr_schedule, ranks_in_sync, read_checkpoint, step_loop, write_checkpoint
+from .train import (
+    barrier,
+    checkpoints,
+    lr_schedule,
+    ranks_in_sync,
+    read_checkpoint,
+    read_trainer_state,
+    step_loop,
+    write_checkpoint,
+)
 
 DEFAULTS = {
     "model": None,
@@ -359,7 +368,7 @@ def setup(c: dict) -> Run:
     if c["resume"]:
         checkpoint = checkpoints(out)[-1]
         model.load_weights(str(checkpoint / ADAPTER_WEIGHTS), strict=False)
-        step = read_checkpoint(checkpoint, optimizer, rng)
+        step = read_checkpoint(checkpoint, optimizer, model.trainable_parameters(), rng)
     optimizer.init(model.trainable_parameters())
     mx.eval(model.parameters(), optimizer.state)
     out.mkdir(parents=True, exist_ok=True)
@@ -448,7 +457,9 @@ def adapt(config: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=command_name("mlx_titans.adapt"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     D = DEFAULTS
 
     def add(flag, help, **kw):  # every default is None, so that a resumed run's settings hold unless a flag is given
@@ -500,20 +511,21 @@ def resolve_config(flags: dict) -> dict:
     if given.get("resume"):
         found = checkpoints(given.get("adapter_path", DEFAULTS["adapter_path"]))
         if found:
-            saved = json.loads((found[-1] / "trainer_state.json").read_text())["config"]
+            saved = read_trainer_state(found[-1])["config"]
     return {**DEFAULTS, **saved, **given}
 
 
 def main(argv=None) -> int:
     flags = vars(build_parser().parse_args(argv))
-    try:
-        summary = adapt(resolve_config(flags))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 1
-    if mx.distributed.init().rank() == 0:
+    summary = {}
+    code = run_reporting_errors(
+        lambda: summary.update(adapt(resolve_config(flags))),
+        (OSError, ValueError, RuntimeError, FloatingPointError),
+        "the checkpoints written so far are kept (--resume continues)",
+    )
+    if code == 0 and mx.distributed.init().rank() == 0:
         print(json.dumps(summary), flush=True)
-    return 0
+    return code
 
 
 if __name__ == "__main__":

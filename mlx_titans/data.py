@@ -13,6 +13,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .files import fingerprint
 from .tasks import FIRST_SYMBOL, make_batch
@@ -82,7 +83,7 @@ def token_stream(files, tokenizer, cache_dir, name: str) -> np.ndarray:
         eos = np.array([tokenizer.token_to_id(EOS)], dtype=dtype)
         parts = [
             part
-            for f in files
+            for f in tqdm(files, desc=f"encode {name}", unit="file", disable=None)  # on a terminal only
             for text in documents(f)
             for part in (np.array(tokenizer.encode(text).ids, dtype=dtype), eos)
         ]

@@ -2,12 +2,15 @@
 NeuralMemory's state files, and one-line CLI errors."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import sys
 import tempfile
+import typing
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import mlx.core as mx
@@ -25,6 +28,37 @@ def cache_root() -> Path:
 def fingerprint(obj) -> str:
     """16 hex characters of the sha256 of obj as sorted JSON: equal for equal configs."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_field_types(config) -> None:
+    """Raise ValueError unless every field of the dataclass `config` holds a value of its annotated type: a config
+    read from JSON with a string where a number belongs would otherwise fail later, deep in the model, with a message
+    about something else."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        allowed = typing.get_args(f.type) or (f.type,)  # Optional[int] -> (int, NoneType)
+        if float in allowed:
+            allowed += (int,)
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            names = " or ".join(
+                "null" if t is type(None) else t.__name__ for t in allowed if t is not int or float not in allowed
+            )
+            raise ValueError(f"{type(config).__name__}: {f.name} must be {names}, got {value!r}")
+
+
+def check_writable(path) -> None:
+    """Raise ValueError now if a file cannot be written at `path` later (a folder there, a file where a folder should
+    be, no write permission), so that a long run does not fail at its very end."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file name")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path}: no write permission in {parent}")
 
 
 def _umask() -> int:
@@ -82,12 +116,25 @@ def write_json_atomic(path, obj) -> None:
     os.replace(tmp, path)
 
 
-def run_reporting_errors(action, errors=(OSError, ValueError, RuntimeError)) -> int:
-    """Call action(); an expected failure prints one `error: ...` line (exit 1), Ctrl-C exits 130."""
+def command_name(module: str) -> str:
+    """The command a user types to run `module`'s command line, for its usage line: argparse's default is the file's
+    name (`generate.py`), which `python -m mlx_titans.generate` never shows."""
+    script = Path(sys.argv[0])
+    if script.suffix != ".py":  # a console script, e.g. mlx-titans-generate
+        return script.name
+    spec = importlib.util.find_spec(module)
+    if spec is not None and spec.origin is not None and script.resolve() == Path(spec.origin).resolve():
+        return f"python -m {module}"
+    return f"python {sys.argv[0]}"  # a thin script of its own: convert/qwen.py
+
+
+def run_reporting_errors(action, errors=(OSError, ValueError, RuntimeError), interrupted="nothing written") -> int:
+    """Call action(); an expected failure prints one `error: ...` line (exit 1), Ctrl-C one line saying what was
+    kept (exit 130). The exit statuses of every mlx-titans command line."""
     try:
         action()
     except KeyboardInterrupt:
-        print("error: interrupted; nothing written", file=sys.stderr)
+        print(f"error: interrupted; {interrupted}", file=sys.stderr)
         return 130
     except errors as e:
         lines = str(e).strip().splitlines() or [type(e).__name__]
@@ -96,15 +143,21 @@ def run_reporting_errors(action, errors=(OSError, ValueError, RuntimeError)) -> 
     return 0
 
 
-def load_safetensors_checked(path, file_format: str, what: str, format_key: str = "format"):
-    """(arrays, metadata) of a file written with metadata {format_key: file_format}; one clear error otherwise."""
+def read_safetensors(path, what: str = "safetensors"):
+    """(arrays, metadata) of a .safetensors file; a missing or damaged one is one error naming it (mx.load raises a
+    RuntimeError that does not)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no {what} file at {path}")
     try:
-        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
-    except Exception as e:
+        return mx.load(str(path), format="safetensors", return_metadata=True)
+    except (RuntimeError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({str(e).strip().splitlines()[0]})") from None
+
+
+def load_safetensors_checked(path, file_format: str, what: str, format_key: str = "format"):
+    """(arrays, metadata) of a file written with metadata {format_key: file_format}; one clear error otherwise."""
+    arrays, metadata = read_safetensors(path, what)
     found = metadata.get(format_key, "")
     if found.split("/")[0] == file_format.split("/")[0] and found != file_format:
         raise ValueError(

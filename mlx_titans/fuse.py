@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .files import run_reporting_errors
+from .files import command_name, run_reporting_errors
 from .qwen import load
 from .qwen.adapters import fuse_lora
 from .qwen.convert import save_folder
@@ -27,10 +27,18 @@ def fuse(model_path, adapter_path, save_path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Fuse memory adapters into a standalone TitansQwen folder.")
+    parser = argparse.ArgumentParser(
+        prog=command_name("mlx_titans.fuse"), description="Fuse memory adapters into a standalone TitansQwen folder."
+    )
     parser.add_argument("--model", required=True, help="the TitansQwen folder the adapters were trained on")
-    parser.add_argument("--adapter-path", default="adapters", help="the adapters folder (mlx_titans.adapt's output)")
-    parser.add_argument("--save-path", default="fused_model", help="output folder (must not exist)")
+    parser.add_argument(
+        "--adapter-path",
+        default="adapters",
+        help="the adapters folder (mlx_titans.adapt's output) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--save-path", default="fused_model", help="output folder, must not exist (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     code = run_reporting_errors(lambda: fuse(args.model, args.adapter_path, args.save_path))
     if code == 0:

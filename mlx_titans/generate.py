@@ -5,7 +5,9 @@
 
 The flags follow mlx_lm.generate where they apply. Long contexts (--file) are prefilled in segments through
 the model's bounded cache (attention window + memory state) with a progress bar; --memory-state-out saves that
-state, and --memory-state-in starts a later run from it.
+state, and --memory-state-in starts a later run from it. --model also takes a training run folder (its newest
+checkpoint). Exit status: 0 done; 1 bad input or a damaged file, one `error:` line before any long work; 2 a
+malformed command line; 130 Ctrl-C.
 """
 
 import argparse
@@ -17,12 +19,17 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
-from .files import cache_root
+from .files import cache_root, check_writable, command_name, run_reporting_errors
 from .prefill import prefill, tokens_seen
 from .prompt_cache import load_cache_file, save_cache_file
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 DEFAULT_MAX_CONTEXT = 524288
+# mlx_lm.generate's sampling, and the embedded default model's: greedy, that small model repeats one sentence for ever;
+# sampled with a mild repetition penalty and a fixed seed, it writes on, the same text at every run
+SAMPLING = {"temp": 0.0, "top_p": 1.0, "repetition_penalty": None, "seed": None}
+DEFAULT_MODEL_SAMPLING = {"temp": 0.7, "top_p": 0.9, "repetition_penalty": 1.1, "seed": 0}
+VERBOSE = {"true": True, "t": True, "false": False, "f": False}  # mlx_lm.generate's False/F; anything else is refused
 
 
 class UserError(Exception):
@@ -30,29 +37,97 @@ class UserError(Exception):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a TitansQwen or TitansLM folder, a Qwen folder or Hub id (default: embedded)")
+    p = argparse.ArgumentParser(
+        prog=command_name("mlx_titans.generate"),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+    def sampling(name):
+        default = "none" if SAMPLING[name] is None else SAMPLING[name]
+        return f"(default: {default}; {DEFAULT_MODEL_SAMPLING[name]} with the embedded default model)"
+
+    p.add_argument(
+        "--model",
+        help="a TitansQwen or TitansLM folder, a training run folder (its newest checkpoint), a Qwen folder or Hub id "
+        "(default: the embedded TitansLM)",
+    )
     p.add_argument("--prompt", "-p", default=None, help="the prompt, or - to read it from stdin")
     p.add_argument("--file", help="a UTF-8 text file read as context before the prompt")
-    p.add_argument("--max-tokens", "-m", type=int, default=100)
-    p.add_argument("--temp", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--system-prompt", default=None)
-    p.add_argument("--ignore-chat-template", action="store_true")
+    p.add_argument(
+        "--max-tokens", "-m", type=int, default=100, help="tokens to generate at most (default: %(default)s)"
+    )
+    p.add_argument("--temp", type=float, help=f"sampling temperature, 0 for greedy {sampling('temp')}")
+    p.add_argument("--top-p", type=float, help=f"sampling top-p, 1 for off {sampling('top_p')}")
+    p.add_argument("--min-p", type=float, default=0.0, help="sampling min-p, 0 for off (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, help="sampling top-k, 0 for off (default: %(default)s)")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        help=f"penalise the last 20 tokens by this factor (mlx-lm's) {sampling('repetition_penalty')}",
+    )
+    p.add_argument("--seed", type=int, help=f"PRNG seed {sampling('seed')}")
+    p.add_argument("--extra-eos-token", nargs="+", default=(), help="more tokens (text or id) that end the generation")
+    p.add_argument("--system-prompt", default=None, help="system prompt of the chat template (TitansQwen)")
+    p.add_argument("--ignore-chat-template", action="store_true", help="use the raw prompt (TitansQwen)")
+    p.add_argument(
+        "--chat-template-config",
+        help="JSON object of extra arguments to the chat template, e.g. '{\"enable_thinking\": false}' (TitansQwen)",
+    )
     p.add_argument(
         "--verbose",
-        type=lambda s: s.lower() not in ("false", "0", "no"),
-        default=True,
-        help="print the text as it comes and the stats block (True/False)",
+        type=str.lower,
+        default="true",
+        help="True/T: print the text as it comes and the stats block; False/F: print the reply only (default: True)",
     )
-    p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, help="refuse longer contexts")
-    p.add_argument("--window", type=int, default=None, help="attention window (TitansQwen)")
+    p.add_argument(
+        "--max-context", type=int, default=DEFAULT_MAX_CONTEXT, help="refuse longer contexts (default: %(default)s)"
+    )
+    p.add_argument("--window", type=int, default=None, help="attention window (TitansQwen; default: the model's)")
     p.add_argument("--adapter-path", default=None, help="memory adapters trained by mlx_titans.adapt (TitansQwen)")
-    p.add_argument("--prefill-step-size", type=int, default=None, help="tokens per prefill call")
+    p.add_argument(
+        "--prefill-step-size",
+        type=int,
+        default=None,
+        help="tokens per prefill call (default: the model's segment size, 2048 for a TitansLM)",
+    )
     p.add_argument("--memory-state-in", help="start from a memory state saved by --memory-state-out")
     p.add_argument("--memory-state-out", help="save the memory state after generating")
     return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    """Every flag's value checked before anything is loaded; the model-dependent sampling defaults filled in."""
+    if args.verbose not in VERBOSE:
+        raise UserError(f"--verbose takes True/T or False/F (as mlx_lm.generate), got {args.verbose!r}")
+    args.verbose = VERBOSE[args.verbose]
+    for name, value in (SAMPLING if args.model else DEFAULT_MODEL_SAMPLING).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    at_least = lambda low: (lambda v: v >= low, f">= {low}")
+    rules = {
+        "--max-tokens": (args.max_tokens, *at_least(0)),
+        "--temp": (args.temp, *at_least(0)),
+        "--top-p": (args.top_p, lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "--min-p": (args.min_p, lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "--top-k": (args.top_k, *at_least(0)),
+        "--repetition-penalty": (args.repetition_penalty, lambda v: v > 0, "positive"),
+        "--max-context": (args.max_context, *at_least(1)),
+        "--window": (args.window, *at_least(1)),
+        "--prefill-step-size": (args.prefill_step_size, *at_least(1)),
+    }
+    for flag, (value, ok, bound) in rules.items():
+        if value is not None and not ok(value):  # NaN fails every bound
+            raise UserError(f"{flag} must be {bound}, got {value}")
+    if args.chat_template_config is not None:
+        try:
+            args.chat_template_config = json.loads(args.chat_template_config)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--chat-template-config is not valid JSON ({e})") from None
+        if not isinstance(args.chat_template_config, dict):
+            raise UserError("--chat-template-config must be a JSON object, e.g. '{\"enable_thinking\": false}'")
+    if args.memory_state_out:
+        check_writable(args.memory_state_out)
 
 
 def read_context(args) -> str:
@@ -60,6 +135,8 @@ def read_context(args) -> str:
     context = ""
     if args.file:
         path = Path(args.file)
+        if path.is_dir():
+            raise UserError(f"--file {path} is a folder; give a text file")
         if not path.is_file():
             raise UserError(f"no such file: {path}")
         try:
@@ -77,21 +154,17 @@ class TitansLMRunner:
     """A TitansLM checkpoint with its tokenizer.json."""
 
     def __init__(self, path: Path, args):
-        from tokenizers import Tokenizer
-
         from .model import load_model
+        from .tokenizer import EOS, load_tokenizer
 
-        if args.window is not None:
-            raise UserError("--window applies to TitansQwen; a TitansLM's window is part of its architecture")
-        if args.adapter_path is not None:
-            raise UserError("--adapter-path applies to TitansQwen; a TitansLM is trained whole (mlx_titans.train)")
-        try:
-            self.model = load_model(path)
-        except (ValueError, FileNotFoundError) as e:
-            raise UserError(str(e)) from None
-        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        for flag in ("window", "adapter_path", "system_prompt", "chat_template_config"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag.replace('_', '-')} applies to TitansQwen, not to a TitansLM checkpoint")
+        self.tokenizer = load_tokenizer(path / "tokenizer.json", require_eos=False)
+        self.model = load_model(path)
         self.segment = args.prefill_step_size or 2048
-        self.eos = None
+        eos = self.tokenizer.token_to_id(EOS)  # mlx_titans.train's tokenizers end each document with it
+        self.eos = set() if eos is None else {eos}
 
     def detokenizer(self):
         """mlx-lm's streaming detokenizer for any tokenizer (it re-decodes only the current line)."""
@@ -113,12 +186,9 @@ class QwenRunner:
     def __init__(self, path: str, args):
         from . import qwen
 
-        try:
-            if not Path(path).exists():
-                path = converted_from_hub(path)
-            self.model, self.tokenizer, config = qwen.load(path, window=args.window, adapter_path=args.adapter_path)
-        except (ValueError, FileNotFoundError) as e:
-            raise UserError(str(e)) from None
+        if not Path(path).exists():
+            path = converted_from_hub(path)
+        self.model, self.tokenizer, config = qwen.load(path, window=args.window, adapter_path=args.adapter_path)
         self.segment = args.prefill_step_size or config["titans"]["segment_size"]
         self.eos = set(self.tokenizer.eos_token_ids)
 
@@ -132,10 +202,21 @@ class QwenRunner:
             return tok.encode(text)
         messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
         messages.append({"role": "user", "content": text})
-        return tok.apply_chat_template(messages, add_generation_prompt=True)
+        return tok.apply_chat_template(messages, add_generation_prompt=True, **(args.chat_template_config or {}))
 
     def decode(self, ids):
         return self.tokenizer.decode(ids)
+
+
+def token_ids(tokens, vocab: dict) -> set:
+    """The ids of --extra-eos-token's tokens, each given as text or as its id (as mlx_lm.generate takes them). An
+    unknown one is refused: mlx-lm's tokenizers map it to the unknown token's id, which would end the text there."""
+    ids = set(vocab.values())
+    found = {token: int(token) if token.isdigit() else vocab.get(token) for token in tokens}
+    for token, number in found.items():
+        if number not in ids:
+            raise UserError(f"--extra-eos-token {token!r} is not a token of this tokenizer")
+    return set(found.values())
 
 
 def converted_from_hub(hub_id: str) -> Path:
@@ -153,11 +234,16 @@ def open_model(args):
         if not (DEFAULT_MODEL / "config.json").is_file():
             raise UserError("this install has no embedded default model; pass --model")
         return TitansLMRunner(DEFAULT_MODEL, args)
+    from .model import checkpoint_folder, read_config
+
     path = Path(args.model)
-    if path.is_dir() and (path / "config.json").is_file():
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-        if model_type == "titans":
-            return TitansLMRunner(path, args)
+    if path.is_dir():
+        try:
+            folder = checkpoint_folder(path)
+        except FileNotFoundError:
+            raise UserError(f"no model at {path} (expected a folder with config.json, or a training run's)") from None
+        if read_config(folder).get("model_type") == "titans":
+            return TitansLMRunner(folder, args)
     elif path.exists() or args.model.startswith((".", "/", "~")):
         raise UserError(f"no model at {args.model} (expected a folder with config.json)")
     return QwenRunner(args.model, args)
@@ -165,19 +251,16 @@ def open_model(args):
 
 def run(args) -> int:
     from mlx_lm.generate import generate_step
-    from mlx_lm.sample_utils import make_sampler
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-    if args.seed is not None:
-        mx.random.seed(args.seed)
+    check_args(args)
     text = read_context(args)
     runner = open_model(args)
+    runner.eos |= token_ids(args.extra_eos_token, runner.tokenizer.get_vocab())
     ids = runner.encode(text, args)
     cache = runner.model.make_cache()
     if args.memory_state_in:
-        try:
-            cache = load_cache_file(args.memory_state_in, runner.model)
-        except (ValueError, FileNotFoundError) as e:
-            raise UserError(str(e)) from None
+        cache = load_cache_file(args.memory_state_in, runner.model)
     if tokens_seen(cache) + len(ids) > args.max_context:
         raise UserError(f"context of {tokens_seen(cache) + len(ids)} tokens is over --max-context {args.max_context}")
 
@@ -185,14 +268,20 @@ def run(args) -> int:
     tic = time.perf_counter()
     context = len(ids) - 1  # the last token starts the generation
     if context:
-        bar = tqdm(total=context, unit="tok", desc="prefill", disable=not args.verbose or context <= runner.segment)
-        prefill(runner.model, mx.array(ids[:-1])[None], cache, runner.segment, lambda done, _: bar.update(done - bar.n))
-        bar.close()
-    sampler = make_sampler(args.temp, args.top_p)
+        show = args.verbose and context > runner.segment
+        with tqdm(total=context, unit="tok", desc="prefill", disable=not show) as bar:  # closed on Ctrl-C too
+            prefill(runner.model, mx.array(ids[:-1])[None], cache, runner.segment, lambda n, _: bar.update(n - bar.n))
+    if args.seed is not None:  # here, after loading: building a model draws from the generator
+        mx.random.seed(args.seed)
     out, prompt_time = [], None
     stream = runner.detokenizer() if args.verbose else None
     steps = generate_step(
-        mx.array(ids[-1:]), runner.model, max_tokens=args.max_tokens, sampler=sampler, prompt_cache=cache
+        mx.array(ids[-1:]),
+        runner.model,
+        max_tokens=args.max_tokens,
+        sampler=make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k),
+        logits_processors=make_logits_processors(repetition_penalty=args.repetition_penalty),
+        prompt_cache=cache,
     )
     if args.verbose:
         print("=" * 10)
@@ -200,7 +289,7 @@ def run(args) -> int:
         if n == 0:
             prompt_time = time.perf_counter() - tic
             tic = time.perf_counter()
-        if runner.eos and token in runner.eos:
+        if token in runner.eos:
             break
         out.append(token)
         if args.verbose:
@@ -224,12 +313,9 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    """The command line; exit status 0, 1 on bad input (one `error:` line), 130 on Ctrl-C."""
     args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_reporting_errors(lambda: run(args), (UserError, OSError, ValueError, RuntimeError))
 
 
 if __name__ == "__main__":

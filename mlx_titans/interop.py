@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .files import atomic_folder, run_reporting_errors
+from .files import atomic_folder, command_name, run_reporting_errors
 from .neural_memory import MemoryConfig, NeuralMemory
 
 SOURCE = "titans-pytorch 0.5.5"
@@ -232,7 +232,9 @@ def convert(checkpoint, kwargs, out, prefix=None, force=False):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Convert a titans-pytorch NeuralMemory checkpoint to MLX.")
+    parser = argparse.ArgumentParser(
+        prog=command_name("mlx_titans.interop"), description="Convert a titans-pytorch NeuralMemory checkpoint to MLX."
+    )
     parser.add_argument(
         "--checkpoint",
         required=True,

@@ -3,7 +3,7 @@
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-from .files import fingerprint
+from .files import check_field_types, fingerprint
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class MemoryConfig:
         def bad(msg):
             raise ValueError(f"MemoryConfig: {msg}")
 
+        check_field_types(self)
         if self.dim < 1 or self.heads < 1 or self.chunk_size < 1 or self.depth < 1 or self.momentum_order < 1:
             bad("dim, heads, chunk_size, depth and momentum_order must be >= 1")
         if self.dim_head is None:

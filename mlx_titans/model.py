@@ -16,7 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .blocks import VARIANTS, Block, LayerCache
-from .files import atomic_folder
+from .files import atomic_folder, check_field_types, read_safetensors
 from .memory_config import MemoryConfig
 
 
@@ -37,12 +37,19 @@ class TitansLMConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self):
+        check_field_types(self)
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.mlp_dim is None:
             self.mlp_dim = -(-8 * self.dim // 3 // 32) * 32
         if self.memory_layers is None:
             self.memory_layers = list(range(self.layers)) if self.variant in ("mac", "mag", "mal", "lmm") else []
+        if min(self.vocab_size, self.dim, self.layers, self.heads, self.mlp_dim, self.window) < 1:
+            raise ValueError("vocab_size, dim, layers, heads, mlp_dim and window must be >= 1")
+        if self.persistent_tokens < 0 or not all(type(i) is int and 0 <= i < self.layers for i in self.memory_layers):
+            raise ValueError(
+                f"persistent_tokens must be >= 0 and memory_layers {self.memory_layers} in 0..{self.layers - 1}"
+            )
         if self.variant == "lmm" and sorted(self.memory_layers) != list(range(self.layers)):
             raise ValueError("lmm has no attention: every layer needs a memory")
         if self.variant in ("swa", "transformer") and self.memory_layers:
@@ -116,17 +123,49 @@ def save_model(path, model: TitansLM, tokenizer_file=None, dtype=None) -> None:
             shutil.copy(tokenizer_file, tmp / "tokenizer.json")
 
 
-def load_model(path, memory: Optional[dict] = None) -> TitansLM:
-    """`memory`: MemoryConfig fields that replace the saved ones, e.g. {"max_decay": 0.1} runs the trained weights
-    with a forget gate ten times slower."""
+def checkpoint_folder(path) -> Path:
+    """`path` if it holds a checkpoint (config.json), else the newest checkpoint of the training run folder `path`
+    (mlx_titans.train's --out, its checkpoints in step-NNNNNNNN/): either runs wherever a model is asked for."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no TitansLM checkpoint at {path} (config.json missing)")
-    config = json.loads((path / "config.json").read_text())
+    if (path / "config.json").is_file():
+        return path
+    steps = sorted(path.glob("step-*/config.json"))
+    if not steps:
+        raise FileNotFoundError(f"no TitansLM checkpoint at {path} (no config.json, nor a training run's step-*/)")
+    return steps[-1].parent
+
+
+def read_config(folder) -> dict:
+    """config.json of a model folder as a dict; one clear error if it is not a JSON object."""
+    file = Path(folder) / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} is not a JSON object")
+    return config
+
+
+def load_model(path, memory: Optional[dict] = None) -> TitansLM:
+    """A TitansLM checkpoint folder, or a training run folder's newest checkpoint. `memory`: MemoryConfig fields that
+    replace the saved ones, e.g. {"max_decay": 0.1} runs the trained weights with a forget gate ten times slower."""
+    path = checkpoint_folder(path)
+    config = read_config(path)
     if config.get("model_type") != "titans":
         raise ValueError(f"{path} is not a TitansLM checkpoint (model_type {config.get('model_type')!r})")
-    model = TitansLM(TitansLMConfig.from_dict({**config, "memory": {**config.get("memory", {}), **(memory or {})}}))
-    model.load_weights(str(path / "model.safetensors"))
+    saved_memory = config.get("memory", {})
+    if not isinstance(saved_memory, dict):
+        raise ValueError(f"{path}/config.json: memory must be an object of MemoryConfig fields, got {saved_memory!r}")
+    try:
+        model = TitansLM(TitansLMConfig.from_dict({**config, "memory": {**saved_memory, **(memory or {})}}))
+    except ValueError as e:
+        raise ValueError(f"{path}/config.json: {e}") from None
+    weights, _ = read_safetensors(path / "model.safetensors", "TitansLM weights")
+    try:
+        model.load_weights(list(weights.items()))
+    except ValueError as e:  # weights missing or of other shapes
+        raise ValueError(f"{path}/model.safetensors does not fit its config.json ({str(e).splitlines()[0]})") from None
     model.set_dtype(mx.float32)  # weights may be stored in half precision; the memory's updates run in float32
     mx.eval(model.parameters())
     return model

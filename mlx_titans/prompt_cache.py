@@ -69,10 +69,13 @@ def load_cache_file(path, model) -> list:
     saying which of the models' settings differ."""
     ours = model.description()
     arrays, metadata = load_safetensors_checked(path, CACHE_FORMAT, f"{ours['model']} memory state", "0.format")
-    if metadata["0.fingerprint"] != fingerprint(ours):
-        saved, ours = dict(tree_flatten(json.loads(metadata["0.model"]))), dict(tree_flatten(ours))
-        differ = [k for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
-        raise ValueError(
-            f"memory state {path} was saved for another model (another config: differs in {', '.join(differ[:6])})"
-        )
-    return caches_from(arrays, metadata)[0]
+    try:
+        if metadata["0.fingerprint"] != fingerprint(ours):
+            saved, ours = dict(tree_flatten(json.loads(metadata["0.model"]))), dict(tree_flatten(ours))
+            differ = [k for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
+            raise ValueError(
+                f"memory state {path} was saved for another model (another config: differs in {', '.join(differ[:6])})"
+            )
+        return caches_from(arrays, metadata)[0]
+    except (KeyError, TypeError, IndexError, AttributeError, json.JSONDecodeError) as e:  # our format, damaged
+        raise ValueError(f"memory state {path} is damaged ({type(e).__name__}: {e})") from None

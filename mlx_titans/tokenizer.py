@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
 
 EOS = "<|endoftext|>"  # id 0; separates documents in a token stream
 
@@ -27,8 +28,16 @@ def train_tokenizer(files, vocab_size: int) -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=alphabet, show_progress=False
-    )
-    tokenizer.train_from_iterator((read_text(f) for f in files), trainer)
+    )  # its own progress bars print blank lines to stdout when it is not a terminal
+    with tqdm(total=len(files), desc="tokenizer: read", unit="file", disable=None) as bar:  # on a terminal only
+
+        def texts():
+            for f in files:
+                yield read_text(f)
+                bar.update()
+            bar.set_description("tokenizer: merges")
+
+        tokenizer.train_from_iterator(texts(), trainer)
     return tokenizer
 
 
@@ -41,14 +50,15 @@ def save_tokenizer(tokenizer: Tokenizer, path) -> None:
     os.replace(tmp, path)
 
 
-def load_tokenizer(path) -> Tokenizer:
+def load_tokenizer(path, require_eos: bool = True) -> Tokenizer:
+    """A tokenizer.json; training needs its EOS between documents (`require_eos`), generation does not."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file {path} does not exist")
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:  # the Rust side raises a bare Exception
-        raise ValueError(f"{path} is not a tokenizers JSON file: {e}") from None
-    if tokenizer.token_to_id(EOS) is None:
+        raise ValueError(f"{path} is not a tokenizers JSON file: {str(e).strip().splitlines()[0]}") from None
+    if require_eos and tokenizer.token_to_id(EOS) is None:
         raise ValueError(f"tokenizer {path} has no {EOS} token")
     return tokenizer

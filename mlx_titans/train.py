@@ -18,6 +18,7 @@ through the cast. Logits, the loss and evaluation are float32.
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -34,7 +35,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
 from .data import load_task_source, random_windows, shard, split_files, token_stream, valid_windows
-from .files import atomic_folder, write_json_atomic
+from .files import atomic_folder, command_name, read_safetensors, run_reporting_errors, write_json_atomic
 from .model import TitansLMConfig, TitansLM, save_model
 from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
@@ -66,6 +67,11 @@ DEFAULTS = {
     "checkpoint_every": 500,
     "keep_checkpoints": 2,
 }
+SETTING_TYPES = {  # None only where the default is None
+    **{key: (int, float) if type(d) is float else type(d) for key, d in DEFAULTS.items()},
+    **dict.fromkeys(("data", "tokenizer", "cache_dir", "task", "out", "resume"), (str, os.PathLike, type(None))),
+    "vocab_size": (int, type(None)),
+}
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 VALID_SEED = [0x7A11D, 0]  # synthetic tasks: one fixed validation set for every run and seed
 
@@ -79,7 +85,7 @@ def json_arg(text):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m mlx_titans.train",
+        prog=command_name("mlx_titans.train"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
@@ -150,8 +156,10 @@ def read_settings(path) -> dict:
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
         settings = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"config file {path} is not a JSON object of settings")
     unknown = set(settings) - set(DEFAULTS) - set(MODEL_KEYS)
     if unknown:
         raise ValueError(f"config file {path} has unknown settings {sorted(unknown)}")
@@ -173,6 +181,24 @@ def find_checkpoint(path) -> Path:
     return found[-1]
 
 
+def read_trainer_state(checkpoint: Path) -> dict:
+    """trainer_state.json of a checkpoint (mlx_titans.train's or mlx_titans.adapt's); one clear error if damaged."""
+    file = Path(checkpoint) / "trainer_state.json"
+    try:
+        state = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e})") from None
+    if (
+        not isinstance(state, dict)
+        or not {"step", "data_rng", "config"} <= set(state)
+        or not isinstance(state["config"], dict)
+    ):
+        raise ValueError(f"{file} is not a trainer state (needs step, data_rng and config)")
+    if type(state["step"]) is not int or state["step"] < 0:
+        raise ValueError(f"{file}: step must be a count of steps, got {state['step']!r}")
+    return state
+
+
 def parse_settings(argv=None) -> dict:
     """A command line's settings: the --config file's, and the flags over them."""
     flags = vars(build_parser().parse_args(argv))
@@ -187,7 +213,7 @@ def resolve_config(settings: dict) -> dict:
     saved = {}
     if resume:
         checkpoint = find_checkpoint(resume)
-        saved = json.loads((checkpoint / "trainer_state.json").read_text())["config"]
+        saved = read_trainer_state(checkpoint)["config"]
         saved["resume"] = str(checkpoint)
         if (checkpoint / "tokenizer.json").is_file():
             saved["tokenizer"] = str(checkpoint / "tokenizer.json")
@@ -201,6 +227,10 @@ def check_config(c: dict, world_size: int) -> None:
     unknown = set(c) - set(DEFAULTS) - set(MODEL_KEYS)
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)}")
+    for key, kind in SETTING_TYPES.items():  # a --config file or a resumed run's JSON may hold anything
+        if not isinstance(c[key], kind) or type(c[key]) is bool:
+            names = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+            raise ValueError(f"setting {key} must be of type {names}, got {c[key]!r}")
     if not c["out"]:
         raise ValueError("--out DIR is required")
     if (c["data"] is None) == (c["task"] is None):
@@ -224,6 +254,11 @@ def check_config(c: dict, world_size: int) -> None:
     ):
         if c[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {c[key]}")
+    for key in ("lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip"):
+        if not c[key] >= 0:  # NaN too
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {c[key]}")
+    if len(c["betas"]) != 2 or not all(type(b) in (int, float) and 0 <= b < 1 for b in c["betas"]):
+        raise ValueError(f"--betas must be two numbers in [0, 1), got {c['betas']}")
     if c["batch_size"] % world_size:
         raise ValueError(f"--batch-size {c['batch_size']} is not divisible by the {world_size} processes")
     if not c["resume"] and checkpoints(c["out"]):
@@ -304,7 +339,7 @@ def setup(c: dict) -> Run:
     if c["resume"]:
         checkpoint = Path(c["resume"])
         model.load_weights(str(checkpoint / "model.safetensors"))
-        step = read_checkpoint(checkpoint, optimizer, rng)
+        step = read_checkpoint(checkpoint, optimizer, model.trainable_parameters(), rng)
     optimizer.init(model.trainable_parameters())
     mx.eval(model.parameters(), optimizer.state)
     Path(c["out"]).mkdir(parents=True, exist_ok=True)
@@ -375,11 +410,22 @@ def write_checkpoint(folder: Path, step: int, write_weights, optimizer, rng, con
     return path
 
 
-def read_checkpoint(checkpoint: Path, optimizer, rng) -> int:
-    """The optimizer state and the data order's RNG state back from a checkpoint; returns its step."""
-    optimizer.state = tree_unflatten(list(mx.load(str(checkpoint / "optimizer.safetensors")).items()))
-    trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
-    rng.bit_generator.state = trainer_state["data_rng"]
+def read_checkpoint(checkpoint: Path, optimizer, parameters, rng) -> int:
+    """The optimizer state (of `parameters`, the model's trainable ones) and the data order's RNG state back from a
+    checkpoint; returns its step."""
+    arrays, _ = read_safetensors(checkpoint / "optimizer.safetensors", "optimizer")
+    optimizer.init(parameters)  # a fresh state: the saved one must match it, key for key
+    fresh = dict(tree_flatten(optimizer.state))
+    if set(arrays) != set(fresh) or any(
+        (arrays[k].shape, arrays[k].dtype) != (v.shape, v.dtype) for k, v in fresh.items()
+    ):
+        raise ValueError(f"{checkpoint}/optimizer.safetensors does not fit the model's trainable parameters")
+    optimizer.state = tree_unflatten(list(arrays.items()))
+    trainer_state = read_trainer_state(checkpoint)
+    try:
+        rng.bit_generator.state = trainer_state["data_rng"]
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
+        raise ValueError(f"{checkpoint}/trainer_state.json: data_rng is not a generator state ({e})") from None
     return trainer_state["step"]
 
 
@@ -414,49 +460,49 @@ def step_loop(
     gives a dict of held-out metrics; save(step) writes a checkpoint (rank 0) and returns its path. Returns the last
     train loss and metrics, the training time (evaluations and checkpoints excluded) and the last checkpoint."""
     report_every, eval_every, save_every = every
-    bar = tqdm(total=steps, initial=start, disable=rank != 0, unit="step", dynamic_ncols=True)
     step, losses, window_steps, window_time, train_time = start, mx.array(0.0), 0, 0.0, 0.0
     train_loss, valid, checkpoint = None, {}, None
-    while step < steps:
-        tic = time.perf_counter()
-        loss, grad_norm = one_step()
-        losses = losses + loss
-        mx.eval(state, losses, grad_norm)
-        window_time += time.perf_counter() - tic
-        step, window_steps, last = step + 1, window_steps + 1, step + 1 == steps
-        records = []
-        if step % report_every == 0 or last:
-            train_loss = losses.item() / window_steps
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"the training loss is {train_loss} at step {step}")
-            tokens_per_s = window_steps * tokens_per_step / window_time
-            records.append(
-                {
-                    "step": step,
-                    "loss": train_loss,
-                    "grad_norm": grad_norm.item(),
-                    "lr": optimizer.learning_rate.item(),
-                    "tokens_per_s": tokens_per_s,
-                    "peak_memory_gb": mx.get_peak_memory() / 1e9,
-                }
-            )
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            train_time, losses, window_steps, window_time = train_time + window_time, mx.array(0.0), 0, 0.0
-        if step % eval_every == 0 or last:
-            valid = evaluate()
-            records.append({"step": step, **valid})
-            if rank == 0:
-                bar.write(
-                    f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in valid.items() if v is not None),
-                    file=sys.stderr,
+    # closed on an error too, so that the error's message starts a line of its own
+    with tqdm(total=steps, initial=start, disable=rank != 0, unit="step", dynamic_ncols=True) as bar:
+        while step < steps:
+            tic = time.perf_counter()
+            loss, grad_norm = one_step()
+            losses = losses + loss
+            mx.eval(state, losses, grad_norm)
+            window_time += time.perf_counter() - tic
+            step, window_steps, last = step + 1, window_steps + 1, step + 1 == steps
+            records = []
+            if step % report_every == 0 or last:
+                train_loss = losses.item() / window_steps
+                if not math.isfinite(train_loss):
+                    raise FloatingPointError(f"the training loss is {train_loss} at step {step}")
+                tokens_per_s = window_steps * tokens_per_step / window_time
+                records.append(
+                    {
+                        "step": step,
+                        "loss": train_loss,
+                        "grad_norm": grad_norm.item(),
+                        "lr": optimizer.learning_rate.item(),
+                        "tokens_per_s": tokens_per_s,
+                        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                    }
                 )
-        if rank == 0:
-            if step % save_every == 0 or last:
-                checkpoint = str(save(step))
-            with open(log_path, "a") as log:
-                log.writelines(json.dumps(r) + "\n" for r in records)
-        bar.update()
-    bar.close()
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                train_time, losses, window_steps, window_time = train_time + window_time, mx.array(0.0), 0, 0.0
+            if step % eval_every == 0 or last:
+                valid = evaluate()
+                records.append({"step": step, **valid})
+                if rank == 0:
+                    bar.write(
+                        f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in valid.items() if v is not None),
+                        file=sys.stderr,
+                    )
+            if rank == 0:
+                if step % save_every == 0 or last:
+                    checkpoint = str(save(step))
+                with open(log_path, "a") as log:
+                    log.writelines(json.dumps(r) + "\n" for r in records)
+            bar.update()
     return {
         "train_loss": train_loss,
         "valid": valid,
@@ -517,11 +563,16 @@ def train(config: dict) -> dict:
 
 
 def main(argv=None) -> dict:
-    try:
-        summary = train(resolve_config(parse_settings(argv)))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    """The command line: the summary, or SystemExit with the status of every mlx-titans command (1: bad settings or
+    inputs, one `error:` line; 130: Ctrl-C, the checkpoints already written kept)."""
+    summary = {}
+    code = run_reporting_errors(
+        lambda: summary.update(train(resolve_config(parse_settings(argv)))),
+        (OSError, ValueError, RuntimeError, FloatingPointError),
+        "the checkpoints written so far are kept (--resume continues)",
+    )
+    if code:
+        sys.exit(code)
     if mx.distributed.init().rank() == 0:
         print(json.dumps(summary), flush=True)
     return summary

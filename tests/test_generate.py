@@ -1,9 +1,16 @@
 """python -m mlx_titans.generate on TitansLM checkpoints (the TitansQwen path is in test_qwen.py)."""
 
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from mlx_titans import generate
 from mlx_titans.generate import main
 from mlx_titans.model import TitansLMConfig, TitansLM, save_model
 
@@ -165,6 +172,14 @@ def test_titans_qwen_generation_and_state_round_trip(capsys, tmp_path):
     )  # saved with window 8, loaded with 16
     assert code == 1 and "another model" in err
 
+    template = model / "chat_template.jinja"
+    template.write_text("{{ preamble | default('') }}" + template.read_text())
+    argv = ("--model", model, "-p", "hi", "-m", "1")
+    extra = ("--chat-template-config", '{"preamble": "Be brief."}')
+    prompt = [run(capsys, *argv, *more)[1].split("Prompt: ")[1].split()[0] for more in ((), extra)]
+    assert int(prompt[1]) > int(prompt[0])  # the template saw the preamble
+    one_error_line(*run(capsys, *argv, "--extra-eos-token", "<no such token>")[::2], "is not a token")
+
 
 def test_verbose_streams_the_text_it_would_print(checkpoint, capsys):
     """--verbose prints the reply token by token through mlx-lm's streaming detokenizer; the text must be what the
@@ -174,3 +189,128 @@ def test_verbose_streams_the_text_it_would_print(checkpoint, capsys):
     _, loud, _ = run(capsys, *argv)
     streamed = loud.split("=" * 10 + "\n", 1)[1].rsplit("\n" + "=" * 10 + "\n", 1)[0]
     assert len(quiet) > 20 and streamed == quiet[:-1]
+
+
+def one_error_line(code, err, message, expected_code=1):
+    lines = err.strip().splitlines()
+    assert code == expected_code and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_damaged_checkpoints_and_bad_flags_end_in_one_line_before_any_work(checkpoint, capsys, tmp_path, monkeypatch):
+    def broken(name, damage):
+        folder = tmp_path / name
+        shutil.copytree(checkpoint / "mac", folder)
+        damage(folder)
+        return folder
+
+    corrupt = broken("corrupt", lambda f: (f / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}"))
+    no_tok = broken("no_tok", lambda f: (f / "tokenizer.json").unlink())
+    bad_json = broken("bad_json", lambda f: (f / "config.json").write_text('{"model_type": "titans", "dim": '))
+    bad_type = broken("bad_type", lambda f: (f / "config.json").write_text('{"model_type": "titans", "dim": "32"}'))
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "book.txt").write_text("It was a dark and stormy night. " * 40)
+
+    def no_prefill(*args):
+        raise AssertionError("the error must come before the prefill")
+
+    monkeypatch.setattr(generate, "prefill", no_prefill)
+    model = checkpoint / "mac"
+    book = ["--model", model, "--file", tmp_path / "book.txt"]
+    cases = [
+        (["--model", corrupt, "-p", "hi"], "is not a readable safetensors file"),
+        (["--model", no_tok, "-p", "hi"], "tokenizer.json does not exist"),
+        (["--model", bad_json, "-p", "hi"], "config.json is not valid JSON"),
+        (["--model", bad_type, "-p", "hi"], "dim must be int"),
+        ([*book, "--memory-state-out", tmp_path / "folder"], "is a folder"),
+        ([*book, "--memory-state-out", tmp_path / "a_file" / "s.safetensors"], "is a file, not a folder"),
+        ([*book, "--temp", "-1"], "--temp must be >= 0"),
+        ([*book, "--top-p", "5"], "--top-p must be in [0, 1]"),
+        ([*book, "--max-tokens", "-1"], "--max-tokens must be >= 0"),
+        ([*book, "--repetition-penalty", "0"], "--repetition-penalty must be positive"),
+        ([*book, "--verbose", "no"], "--verbose takes True/T or False/F"),
+        ([*book, "--chat-template-config", "{oops"], "--chat-template-config is not valid JSON"),
+        ([*book, "--chat-template-config", "[1]"], "must be a JSON object"),
+        (["--model", model, "-p", "hi", "--chat-template-config", "{}"], "applies to TitansQwen"),
+        (["--model", model, "-p", "hi", "--extra-eos-token", "no-such-token"], "is not a token"),
+        (["--model", model, "--file", tmp_path / "folder"], "is a folder"),
+        (["--model", tmp_path / "folder", "-p", "hi"], "no model at"),
+    ]
+    for argv, message in cases:
+        one_error_line(*run(capsys, *argv)[::2], message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["corrupt", "no_tok", "bad_json", "bad_type", "a_file", "folder", "book.txt"]
+    )  # nothing written
+    assert not any((tmp_path / "folder").iterdir())
+
+
+@pytest.mark.parametrize("value", ["F", "f", "false", "FALSE"])
+def test_verbose_false_as_mlx_lm_reads_it(checkpoint, capsys, value):
+    code, out, _ = run(capsys, "--model", checkpoint / "mac", "-p", "hello", "-m", "4", "--verbose", value)
+    assert code == 0 and "Generation:" not in out and "=" * 10 not in out
+
+
+def test_ctrl_c_is_one_line_and_exit_130(checkpoint, capsys, tmp_path, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "prefill", interrupted)
+    (tmp_path / "book.txt").write_text("It was a dark and stormy night. " * 40)
+    out = tmp_path / "s.safetensors"
+    argv = ["--model", checkpoint / "mac", "--file", tmp_path / "book.txt", "--memory-state-out", out]
+    one_error_line(*run(capsys, *argv)[::2], "interrupted", 130)
+    assert list(tmp_path.iterdir()) == [tmp_path / "book.txt"]
+
+
+def test_a_training_run_folder_runs_its_newest_checkpoint(checkpoint, capsys, tmp_path):
+    shutil.copytree(checkpoint / "mac", tmp_path / "run" / "step-00000001")
+    other = TitansLM(TitansLMConfig(variant="swa", vocab_size=256, dim=32, layers=1, heads=2, window=8))
+    save_model(tmp_path / "run" / "step-00000002", other, tokenizer_file=checkpoint / "tokenizer.json")
+    argv = ("-p", "hello", "-m", "5", "--verbose", "False")
+    _, newest, _ = run(capsys, "--model", tmp_path / "run" / "step-00000002", *argv)
+    code, from_run, _ = run(capsys, "--model", tmp_path / "run", *argv)
+    assert code == 0 and from_run == newest
+
+
+def test_sampling_flags_and_extra_eos(checkpoint, capsys):
+    model = checkpoint / "mac"
+    argv = ("--model", model, "-p", "hello there", "--verbose", "False")
+    _, greedy, _ = run(capsys, *argv, "-m", "3")
+    code, sampled, _ = run(capsys, *argv, "-m", "3", "--temp", "1", "--top-k", "5", "--min-p", "0.05", "--seed", "1")
+    assert code == 0 and len(sampled.strip("\n")) <= 3
+    _, again, _ = run(capsys, *argv, "-m", "3", "--temp", "1", "--top-k", "5", "--min-p", "0.05", "--seed", "1")
+    assert again == sampled  # seeded
+    tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
+    first = tokenizer.encode(greedy[0]).ids[0]
+    for eos in (tokenizer.id_to_token(first), str(first)):  # as text or as id, as mlx_lm.generate takes it
+        code, out, _ = run(capsys, *argv, "-m", "3", "--extra-eos-token", eos)
+        assert code == 0 and out == "\n"
+
+
+def test_the_embedded_default_model_writes_on_reproducibly(capsys):
+    """The README's first command: greedy, the default model repeats one sentence; its own sampling defaults (seeded)
+    give text that does not loop, the same at every run."""
+    code, text, _ = run(capsys, "--prompt", "It was a dark and stormy night", "--verbose", "F")
+    words = text.split()
+    grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
+    assert code == 0 and len(words) > 40 and len(set(grams)) > 0.9 * len(grams), text
+    assert run(capsys, "--prompt", "It was a dark and stormy night", "--verbose", "F")[1] == text
+
+
+def test_ctrl_c_as_a_user_presses_it(checkpoint, tmp_path):
+    """SIGINT to the command as typed, while it generates: one line on stderr, exit status 130, no state file."""
+    out = tmp_path / "s.safetensors"
+    argv = ["--model", checkpoint / "mac", "-p", "hello", "-m", "100000", "--memory-state-out", out]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_titans.generate", *map(str, argv)],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline() == "=" * 10 + "\n"  # generating
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines() == ["error: interrupted; nothing written"], err
+    assert not out.exists()

@@ -177,7 +177,9 @@ def test_convert_refuses_existing_output_and_leaves_nothing_on_interrupt(hf, tmp
         raise KeyboardInterrupt
 
     monkeypatch.setattr(converter, "save", interrupted_save)
+    capsys.readouterr()
     assert converter.main(["--hf-path", str(hf["qwen2"]), "--mlx-path", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["error: interrupted; nothing written"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 

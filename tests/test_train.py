@@ -268,7 +268,7 @@ def test_bad_inputs_give_one_error_line(case, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         main([*flags, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert exit.value.code == 1 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
 def test_command_line_exit_status(tmp_path):
@@ -289,5 +289,43 @@ def test_command_line_exit_status(tmp_path):
         text=True,
         timeout=60,
     )
-    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip() == f"error: data folder {tmp_path / 'nowhere'} does not exist"
+
+
+def test_tokenizer_training_and_encoding_show_progress_on_a_terminal(corpus, tmp_path, monkeypatch):
+    """Before the first step, train trains the tokenizer and encodes the data: minutes on a large corpus, shown."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    run(corpus, tmp_path / "out", "--steps", "1")
+    shown = sys.stderr.getvalue()
+    assert "encode train" in shown and "encode valid" in shown
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    train_tokenizer(split_files(corpus)["train"], 300)
+    assert "tokenizer: merges" in sys.stderr.getvalue()
+
+
+def test_ctrl_c_is_one_line_and_exit_130_keeping_the_checkpoints(corpus, tmp_path, monkeypatch, capsys):
+    import mlx_titans.train as train_module
+
+    real_step_loop = train_module.step_loop
+
+    def interrupted_after_a_checkpoint(*args):
+        real_step_loop(*args[:1], 2, *args[2:])  # two steps, each checkpointed (--checkpoint-every 1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "step_loop", interrupted_after_a_checkpoint)
+    with pytest.raises(SystemExit) as exit:
+        run(corpus, tmp_path / "out", "--steps", "5", "--checkpoint-every", "1")
+    err = capsys.readouterr().err
+    assert exit.value.code == 130 and "Traceback" not in err
+    assert (
+        err.strip().splitlines()[-1]
+        == "error: interrupted; the checkpoints written so far are kept (--resume continues)"
+    )
+    assert [p.name for p in sorted((tmp_path / "out").glob("step-*"))] == ["step-00000001", "step-00000002"]

@@ -2,5 +2,5 @@
 
 from .cache import TitansCache
 from .config import TitansQwenConfig, default_memory_layers
-from .load import MEMORY_WEIGHTS, build_model, load, load_memory_weights, read_qwen_config
+from .load import MEMORY_WEIGHTS, build_model, load, load_memory_weights, qwen_tokenizer, read_qwen_config
 from .model import TitansQwen, get_model_classes, memory_weights

@@ -13,11 +13,10 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from ..files import fingerprint
+from ..files import fingerprint, read_safetensors
 from .model import is_memory_weight
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -79,12 +78,26 @@ def read_adapter_config(path) -> dict:
         raise ValueError(f"{path} is not an adapters folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
     try:
         config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{file} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} is not a JSON object")
     if config.get("fine_tune_type") != FINE_TUNE_TYPE:
         raise ValueError(
             f"{path} holds {config.get('fine_tune_type', 'lora')!r} adapters, not TitansQwen memory "
             "adapters (load those with mlx_lm)"
+        )
+    titans = config.get("titans")
+    if (
+        not isinstance(titans, dict)
+        or not isinstance(titans.get("base_fingerprint"), str)
+        or not isinstance(titans.get("base"), dict)
+        or type(config.get("num_layers")) is not int
+        or config["num_layers"] < 0
+        or not isinstance(config.get("lora_parameters"), dict)
+    ):
+        raise ValueError(
+            f"{file} is damaged (it needs titans.base_fingerprint, titans.base, num_layers, lora_parameters)"
         )
     return config
 
@@ -101,8 +114,13 @@ def load_adapters(model, path, titans_section: Optional[dict] = None) -> None:
         differ = [k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
         raise ValueError(f"the adapters at {path} were trained for another model (differs in {', '.join(differ[:6])})")
     if config["num_layers"]:
-        linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"])
-    weights = mx.load(str(Path(path) / ADAPTER_WEIGHTS))
+        try:
+            linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"])
+        except (TypeError, KeyError, ValueError) as e:  # mlx-lm reads them unchecked
+            raise ValueError(
+                f"{path}/{ADAPTER_CONFIG}: lora_parameters are damaged ({type(e).__name__}: {e})"
+            ) from None
+    weights, _ = read_safetensors(Path(path) / ADAPTER_WEIGHTS, "adapter weights")
     expected = adapter_weights(model)
     if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
         raise ValueError(f"{path}/{ADAPTER_WEIGHTS} does not fit this model's memory and LoRA layers")

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from ..files import check_field_types
 from ..memory_config import MemoryConfig
 
 # model_type: (the mlx-lm module of its decoder layer, the layer's class, whether the class takes the layer index).
@@ -85,16 +86,23 @@ class TitansQwenConfig:
         def bad(msg):
             raise ValueError(f"titans config: {msg}")
 
+        if not isinstance(section, dict):
+            bad(f"the section must be an object, got {section!r}")
         unknown = set(section) - {"memory_layers", "window", "sink_tokens", "segment_size", "memory"}
         if unknown:
             bad(f"unknown fields {sorted(unknown)}")
         memory = section.get("memory", {})
+        if not isinstance(memory, dict):
+            bad(f"memory must be an object of MemoryConfig fields, got {memory!r}")
         if "dim" in memory:
             bad("memory.dim is the model's hidden_size; leave it out")
         layers = section.get("memory_layers")
+        if layers is not None and not (isinstance(layers, list) and all(type(i) is int for i in layers)):
+            bad(f"memory_layers must be a list of layer indices, got {layers!r}")
         layers = tuple(sorted(set(default_memory_layers(num_layers) if layers is None else layers)))
         sizes = {k: section[k] for k in ("window", "sink_tokens", "segment_size") if k in section}
         cfg = cls(layers, MemoryConfig.from_dict({**DEFAULT_MEMORY, **memory, "dim": hidden_size}), **sizes)
+        check_field_types(cfg)
         if any(not 0 <= i < num_layers for i in layers):
             bad(f"memory_layers {list(layers)} must lie in 0..{num_layers - 1}")
         if cfg.window < 1 or cfg.sink_tokens < 0:

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_map_with_path
-from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_tokenizer, quantize_model, save
+from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, quantize_model, save
 from tqdm import tqdm
 
-from ..files import atomic_folder, run_reporting_errors
+from ..files import atomic_folder, command_name, run_reporting_errors
 from ..train import json_arg
-from . import MEMORY_WEIGHTS, build_model, memory_weights, read_qwen_config
+from . import MEMORY_WEIGHTS, build_model, memory_weights, qwen_tokenizer, read_qwen_config
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 DTYPES = ("float16", "bfloat16", "float32")
@@ -84,7 +84,7 @@ def convert(hf_path, mlx_path, quantize=False, q_bits=4, q_group_size=64, dtype=
         bar.update()
         bar.set_description("load")
         model, config = build_model(src, titans or {}, lazy=True)
-        tokenizer = load_tokenizer(src, eos_token_ids=config.get("eos_token_id"))
+        tokenizer = qwen_tokenizer(src, config)
         dtype = dtype or config.get("torch_dtype") or config.get("dtype")  # transformers 5 writes "dtype"
         if dtype in DTYPES:
             cast(model, dtype)
@@ -128,13 +128,16 @@ def titans_section(args) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Convert a Hugging Face Qwen (qwen2, qwen3, their MoEs, qwen3_next, qwen3_5) to TitansQwen (MLX)."
+        prog=command_name("mlx_titans.qwen.convert"),
+        description="Convert a Hugging Face Qwen (qwen2, qwen3, their MoEs, qwen3_next, qwen3_5) to TitansQwen (MLX).",
     )
     parser.add_argument("--hf-path", "--model", required=True, help="local HF directory or Hugging Face Hub id")
-    parser.add_argument("--mlx-path", default="mlx_model", help="output directory (must not exist)")
+    parser.add_argument(
+        "--mlx-path", default="mlx_model", help="output directory, must not exist (default: %(default)s)"
+    )
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize the base model (not the memory)")
-    parser.add_argument("--q-bits", type=int, default=4, help="bits per weight")
-    parser.add_argument("--q-group-size", type=int, default=64, help="quantization group size")
+    parser.add_argument("--q-bits", type=int, default=4, help="bits per weight (default: %(default)s)")
+    parser.add_argument("--q-group-size", type=int, default=64, help="quantization group size (default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPES, help="base weights dtype (default: config's torch_dtype)")
     titans = parser.add_argument_group("titans (defaults: mlx_titans.qwen.TitansQwenConfig)")
     titans.add_argument("--memory-layers", type=int, nargs="+", help="layer indices with a NeuralMemory")
