@@ -78,11 +78,16 @@ class MemoryPromptCache(LRUPromptCache):
     def insert_cache(self, model, tokens, prompt_cache, *, cache_type="assistant"):
         if model[1] is None:
             return super().insert_cache(model, tokens, prompt_cache, cache_type=cache_type)
-        save_cache_file(memory_path(self.memory_dir, model[1]), self.provider.model, prompt_cache)
+        try:
+            save_cache_file(memory_path(self.memory_dir, model[1]), self.provider.model, prompt_cache)
+        except OSError:  # the reply has gone out: only the log can tell
+            logging.getLogger(__name__).exception(f"memory {model[1]!r} not saved; it keeps its previous state")
 
 
 @dataclass
 class MemoryRequest(CompletionRequest):
+    """mlx-lm's request with the memory it continues (None: none)."""
+
     memory: str | None = None
 
 
