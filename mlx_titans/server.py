@@ -184,9 +184,9 @@ def make_server(args):
     """(the HTTP server, its response generator): mlx_lm.server's handler and generation thread serving our model
     with its memories. serve_forever() serves; shutdown() and the generator's stop_and_join() stop."""
     provider = TitansModelProvider(args)
-    prompt_cache = MemoryPromptCache(provider, args.memory_dir, args.prompt_cache_size)
-    generator = MemoryResponseGenerator(provider, prompt_cache)
     httpd = ThreadingHTTPServer((args.host, args.port), lambda *a, **kw: MemoryAPIHandler(generator, *a, **kw))
+    # The generation thread starts last: once it runs, the process does not exit until it is stopped.
+    generator = MemoryResponseGenerator(provider, MemoryPromptCache(provider, args.memory_dir, args.prompt_cache_size))
     return httpd, generator
 
 

@@ -59,7 +59,7 @@ def checkpoint(tmp_path_factory):
     tok.save(str(root / "tokenizer.json"))
     mx.random.seed(0)
     model = TitansLM(
-        TitansLMConfig(variant="mac", vocab_size=256, dim=32, layers=2, heads=2, window=8, memory=dict(chunk_size=4))
+        TitansLMConfig(variant="mac", vocab_size=256, dim=32, layers=2, heads=2, window=8, memory={"chunk_size": 4})
     )
     save_model(root / "mac", model, tokenizer_file=root / "tokenizer.json")
     return root

@@ -1,6 +1,7 @@
 """python -m mlx_titans.server: mlx_lm.server's API over HTTP on 127.0.0.1, and its named memories."""
 
 import json
+import socket
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -181,7 +182,16 @@ def test_titans_lm_checkpoint_without_memory_dir(checkpoint):
         assert status == 400 and "start it with --memory-dir" in reply["error"]
 
 
-def test_bad_model_is_one_error_line(tmp_path, capsys):
-    assert main(["--model", str(tmp_path / "nope")]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: no model at")
+def test_bad_model_or_port_is_one_error_line(checkpoint, tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for argv, message in [
+            (["--model", tmp_path / "nope"], "no model at"),
+            (["--model", checkpoint / "mac", "--window", 8], "window and adapter_path apply to TitansQwen"),
+            (["--model", checkpoint / "mac", "--port", port], "Address already in use"),
+        ]:
+            assert main([str(a) for a in argv]) == 1
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (argv, err)
