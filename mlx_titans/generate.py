@@ -29,7 +29,7 @@ def load(path=None, *, window: int | None = None, adapter_path=None):
     """(model, tokenizer) as mlx_lm.load gives them, for either model kind: a TitansLM checkpoint folder (None: the
     embedded default model), or a TitansQwen / plain Qwen folder or Hub id (see mlx_titans.qwen.load; a Hub id is
     converted once). The tokenizer is mlx-lm's TokenizerWrapper, so mlx-lm's generation and server take the pair
-    as they take their own. ValueError for what cannot be loaded."""
+    as they take their own. ValueError (FileNotFoundError for a missing weights file) for what cannot be loaded."""
     path = DEFAULT_MODEL if path is None else path
     if is_titans_lm(Path(path)):
         if window is not None or adapter_path is not None:
@@ -40,6 +40,8 @@ def load(path=None, *, window: int | None = None, adapter_path=None):
 
         from .model import load_model
 
+        if not (Path(path) / "tokenizer.json").is_file():
+            raise ValueError(f"{path} has no tokenizer.json")
         tokenizer = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
         return load_model(path), TokenizerWrapper(PreTrainedTokenizerFast(tokenizer_object=tokenizer))
     from . import qwen

@@ -1,6 +1,8 @@
 """The Python API as mlx-lm's: mlx_titans.load / generate / stream_generate for both model kinds, memory states in
 and out through `prompt_cache`."""
 
+import shutil
+
 import pytest
 
 from mlx_titans import generate, load, load_cache_file, save_cache_file, stream_generate
@@ -45,3 +47,7 @@ def test_load_refuses_clearly(checkpoint, tmp_path):
         load(tmp_path / "nope")
     with pytest.raises(ValueError, match="apply to TitansQwen"):
         load(checkpoint / "mac", window=8)
+    shutil.copytree(checkpoint / "mac", tmp_path / "mac")
+    (tmp_path / "mac" / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="has no tokenizer.json"):
+        load(tmp_path / "mac")
