@@ -83,15 +83,23 @@ def test_greedy_completion_and_chat_equal_the_library(server, qwen):
     )
 
 
+def text_of(choice) -> str:
+    """A choice's text: a completion's, or a chat message's or delta's content."""
+    return choice["text"] if "text" in choice else (choice.get("message") or choice["delta"]).get("content") or ""
+
+
 def test_streaming_sends_the_same_reply(server):
+    """Server-sent events, completion and chat, with a memory or without: the pieces make the whole reply."""
     url, _ = server
-    body = {"prompt": PART2, "max_tokens": 10, "temperature": 0.0}
-    whole = post(url, "/v1/completions", body)[1]["choices"][0]["text"]
-    status, stream = post(url, "/v1/completions", {**body, "stream": True, "memory": "streamed"})
-    events = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
-    assert status == 200 and stream.rstrip().endswith("data: [DONE]") and len(events) > 1
-    assert "".join(e["choices"][0]["text"] for e in events) == whole
-    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    chat = {"messages": [{"role": "user", "content": QUESTION}]}
+    for path, body in [("/v1/completions", {"prompt": PART2}), ("/v1/chat/completions", chat)]:
+        body.update(max_tokens=10, temperature=0.0)
+        whole = post(url, path, body)[1]["choices"][0]
+        status, stream = post(url, path, {**body, "stream": True, "memory": "streamed" + path.replace("/", "-")})
+        events = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
+        assert status == 200 and stream.rstrip().endswith("data: [DONE]") and len(events) > 1
+        assert "".join(text_of(e["choices"][0]) for e in events) == text_of(whole)
+        assert events[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
 
 
 def test_a_memory_continues_one_stream_across_requests_and_restarts(titans_qwen, qwen, tmp_path):
