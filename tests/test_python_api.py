@@ -2,6 +2,9 @@
 and out through `prompt_cache`."""
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +54,17 @@ def test_load_refuses_clearly(checkpoint, tmp_path):
     (tmp_path / "mac" / "tokenizer.json").unlink()
     with pytest.raises(ValueError, match="has no tokenizer.json"):
         load(tmp_path / "mac")
+
+
+def test_the_generate_command_runs_without_warnings(checkpoint):
+    """mlx_titans imports the generate command's module before binding the function `generate` (see __init__), so
+    python -m mlx_titans.generate runs that module twice; runpy's warning about it must not reach the user."""
+    argv = ["-m", "mlx_titans.generate", "--model", checkpoint / "mac", "-p", "hi", "-m", "2", "--verbose", "False"]
+    run = subprocess.run(
+        [sys.executable, "-W", "default", *map(str, argv)],
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0 and run.stderr == "" and run.stdout.strip()
