@@ -16,6 +16,7 @@ A request without "memory" is mlx-lm's: a fresh cache, or a cached prefix of its
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass, replace
@@ -25,6 +26,7 @@ from pathlib import Path
 from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
 from mlx_lm.models.cache import LRUPromptCache
 from mlx_lm.server import APIHandler, CompletionRequest, ModelProvider, ResponseGenerator
+from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from .generate import DEFAULT_MODEL, load, prefill_step
 from .prompt_cache import load_cache_file, save_cache_file
@@ -191,14 +193,18 @@ def make_server(args):
 
 
 def main(argv=None) -> int:
+    """The command: serves until Ctrl-C, then ends the process (see below); 1 and one error line if it cannot start."""
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s - %(levelname)s - %(message)s")
+    maybe_set_recommended_wired_limit()  # as mlx_lm.server does: on Metal, keeps the weights resident
     try:
         httpd, generator = make_server(args)
     except (ValueError, OSError) as e:
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 1
-    logging.getLogger(__name__).info(f"serving {model_id(args)} at http://{args.host}:{httpd.server_address[1]}")
+    log = logging.getLogger(__name__)
+    log.warning("like mlx_lm.server, this server implements only basic security checks: keep it off the internet")
+    log.info(f"serving {model_id(args)} at http://{args.host}:{httpd.server_address[1]}")
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:
@@ -206,7 +212,13 @@ def main(argv=None) -> int:
     finally:
         httpd.server_close()
         generator.stop_and_join()
-    return 0
+    # Every memory is saved. Exit without the interpreter's finalization: as the generation thread ends, MLX frees its
+    # thread's compile cache, which calls into Python, and if finalization has begun by then the process aborts
+    # ("terminate called without an active exception"; mlx_lm.server 0.32.2 ends so after any request).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

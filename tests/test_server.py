@@ -1,11 +1,16 @@
 """python -m mlx_titans.server: mlx_lm.server's API over HTTP on 127.0.0.1, and its named memories."""
 
 import json
+import re
+import signal
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from threading import Thread
 
 import pytest
@@ -203,3 +208,22 @@ def test_bad_model_or_port_is_one_error_line(checkpoint, tmp_path, capsys):
             assert main([str(a) for a in argv]) == 1
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (argv, err)
+
+
+def test_the_command_serves_until_ctrl_c_and_keeps_the_memory(titans_qwen, qwen, tmp_path):
+    """python -m mlx_titans.server --port 0 says where it serves and answers; Ctrl-C stops it, exit status 0, once
+    the request in hand is done and its memory saved."""
+    command = ["-m", "mlx_titans.server", "--model", titans_qwen, "--port", "0", "--memory-dir", tmp_path]
+    server = subprocess.Popen(
+        [sys.executable, *map(str, command)], cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        url = next(m[1] for line in server.stderr if (m := re.search(r"serving .* at (http://\S+)", line)))
+        reply = reply_ids(url, "cli", prompt=PART2)
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=120)
+    assert server.returncode == 0, err
+    assert reply == library_ids(qwen, PART2, 4)
+    cache = load_cache_file(tmp_path / "cli.safetensors", qwen[0])
+    assert cache[0].offset == len(qwen[1].encode(PART2)) + len(reply)
