@@ -98,12 +98,23 @@ def run_reporting_errors(action, errors=(OSError, ValueError, RuntimeError)) -> 
 
 def load_safetensors_checked(path, file_format: str, what: str, format_key: str = "format"):
     """(arrays, metadata) of a file written with metadata {format_key: file_format}; one clear error otherwise."""
+    metadata = read_metadata_checked(path, file_format, what, format_key)
+    return mx.load(str(path), format="safetensors"), metadata
+
+
+def read_metadata_checked(path, file_format: str, what: str, format_key: str = "format") -> dict:
+    """The metadata of a file written with {format_key: file_format}, from its header alone (no arrays, no MLX: a
+    server checks files in its HTTP threads, where MLX would start a stream thread per request); one clear error
+    otherwise."""
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no {what} file at {path}")
     try:
-        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
-    except Exception as e:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({str(e).strip().splitlines()[0]})") from None
     found = metadata.get(format_key, "")
     if found.split("/")[0] == file_format.split("/")[0] and found != file_format:
@@ -112,7 +123,7 @@ def load_safetensors_checked(path, file_format: str, what: str, format_key: str 
         )
     if found != file_format:
         raise ValueError(f"{path} is not a {what} file")
-    return arrays, metadata
+    return metadata
 
 
 def save_state(path, state, config) -> None:

@@ -13,7 +13,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .blocks import LayerCache
-from .files import atomic_safetensors, fingerprint, load_safetensors_checked
+from .files import atomic_safetensors, fingerprint, read_metadata_checked
 
 CACHE_FORMAT = "mlx-titans-cache/3"
 
@@ -64,14 +64,20 @@ def save_cache_file(path, model, cache: list) -> None:
 
 
 def load_cache_file(path, model) -> list:
-    """The cache `save_cache_file` wrote, continuing exactly where it stopped; refuses one saved for another model,
-    saying which of the models' settings differ."""
+    """The cache `save_cache_file` wrote, continuing exactly where it stopped (refused as `check_cache_file` says)."""
+    metadata = check_cache_file(path, model)
+    return caches_from(mx.load(str(path), format="safetensors"), metadata)[0]
+
+
+def check_cache_file(path, model) -> dict:
+    """The metadata of a file `save_cache_file` wrote for `model`, read from its header alone; refuses one saved for
+    another model, saying which of the models' settings differ."""
     ours = model.description()
-    arrays, metadata = load_safetensors_checked(path, CACHE_FORMAT, f"{ours['model']} memory state", "0.format")
+    metadata = read_metadata_checked(path, CACHE_FORMAT, f"{ours['model']} memory state", "0.format")
     if metadata["0.fingerprint"] != fingerprint(ours):
         saved, ours = dict(tree_flatten(json.loads(metadata["0.model"]))), dict(tree_flatten(ours))
         differ = [k for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
         raise ValueError(
             f"memory state {path} was saved for another model (another config: differs in {', '.join(differ[:6])})"
         )
-    return caches_from(arrays, metadata)[0]
+    return metadata

@@ -29,7 +29,7 @@ from mlx_lm.server import APIHandler, CompletionRequest, ModelProvider, Response
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from .generate import DEFAULT_MODEL, load, prefill_step
-from .prompt_cache import load_cache_file, save_cache_file
+from .prompt_cache import check_cache_file, load_cache_file, save_cache_file
 
 MEMORY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
@@ -117,7 +117,7 @@ class MemoryAPIHandler(APIHandler):
                 raise ValueError("this server keeps no memories: start it with --memory-dir DIR")
             path = memory_path(args.memory_dir, self.memory)
             if path.exists():  # refused here, with a 400, rather than in the generation thread mid-reply
-                load_cache_file(path, provider.model)
+                check_cache_file(path, provider.model)
 
     def handle_chat_completions(self):
         return MemoryRequest(**vars(super().handle_chat_completions()), memory=self.memory)

@@ -163,6 +163,18 @@ def test_bad_memory_names_and_foreign_memories_are_400(server, titans_qwen):
     assert status == 400 and "this server serves" in reply["error"]
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc (Linux)")
+def test_memory_requests_start_no_threads(server):
+    """The handler checks a saved memory from the file's header, without MLX: MLX in an HTTP thread (one per request)
+    starts a stream thread that outlives it, one more per request."""
+    url, _ = server
+    reply_ids(url, "counted", max_tokens=1, prompt="hi")
+    before = len(list(Path("/proc/self/task").iterdir()))
+    for _ in range(8):
+        reply_ids(url, "counted", max_tokens=1, prompt="hi")
+    assert len(list(Path("/proc/self/task").iterdir())) <= before + 2
+
+
 def test_openai_client(server, qwen):
     openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install openai)")
     url, _ = server
