@@ -155,9 +155,32 @@ def read_safetensors(path, what: str = "safetensors"):
         raise ValueError(f"{path} is not a readable safetensors file ({str(e).strip().splitlines()[0]})") from None
 
 
+def read_metadata_checked(path, file_format: str, what: str, format_key: str = "format") -> dict:
+    """The metadata of a file written with {format_key: file_format}, from its header alone (no arrays, no MLX: a
+    server checks files in its HTTP threads, where MLX would start a stream thread per request); one clear error
+    otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} file at {path}")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({str(e).strip().splitlines()[0]})") from None
+    check_format(path, metadata, file_format, what, format_key)
+    return metadata
+
+
 def load_safetensors_checked(path, file_format: str, what: str, format_key: str = "format"):
     """(arrays, metadata) of a file written with metadata {format_key: file_format}; one clear error otherwise."""
     arrays, metadata = read_safetensors(path, what)
+    check_format(path, metadata, file_format, what, format_key)
+    return arrays, metadata
+
+
+def check_format(path, metadata: dict, file_format: str, what: str, format_key: str) -> None:
     found = metadata.get(format_key, "")
     if found.split("/")[0] == file_format.split("/")[0] and found != file_format:
         raise ValueError(
@@ -165,7 +188,6 @@ def load_safetensors_checked(path, file_format: str, what: str, format_key: str 
         )
     if found != file_format:
         raise ValueError(f"{path} is not a {what} file")
-    return arrays, metadata
 
 
 def save_state(path, state, config) -> None:

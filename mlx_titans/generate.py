@@ -32,6 +32,66 @@ DEFAULT_MODEL_SAMPLING = {"temp": 0.7, "top_p": 0.9, "repetition_penalty": 1.1, 
 VERBOSE = {"true": True, "t": True, "false": False, "f": False}  # mlx_lm.generate's False/F; anything else is refused
 
 
+def load(path=None, *, window: int | None = None, adapter_path=None):
+    """(model, tokenizer) as mlx_lm.load gives them, for either model kind: a TitansLM checkpoint folder (None: the
+    embedded default model), or a TitansQwen / plain Qwen folder or Hub id (see mlx_titans.qwen.load; a Hub id is
+    converted once). The tokenizer is mlx-lm's TokenizerWrapper, so mlx-lm's generation and server take the pair
+    as they take their own. ValueError (FileNotFoundError for a missing weights file) for what cannot be loaded."""
+    path = DEFAULT_MODEL if path is None else path
+    if is_titans_lm(Path(path)):
+        if window is not None or adapter_path is not None:
+            raise ValueError("window and adapter_path apply to TitansQwen; a TitansLM's window is part of its model")
+        from mlx_lm.tokenizer_utils import TokenizerWrapper
+        from tokenizers import Tokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        from .model import load_model
+
+        if not (Path(path) / "tokenizer.json").is_file():
+            raise ValueError(f"{path} has no tokenizer.json")
+        tokenizer = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+        return load_model(path), TokenizerWrapper(PreTrainedTokenizerFast(tokenizer_object=tokenizer))
+    from . import qwen
+
+    if not Path(path).exists():
+        if str(path).startswith((".", "/", "~")):
+            raise ValueError(f"no model at {path} (expected a folder with config.json)")
+        path = converted_from_hub(str(path))
+    model, tokenizer, _ = qwen.load(path, window=window, adapter_path=adapter_path)
+    return model, tokenizer
+
+
+def is_titans_lm(path: Path) -> bool:
+    """Whether `path` is a TitansLM checkpoint folder (config.json's model_type "titans")."""
+    config = path / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "titans"
+
+
+def prefill_step(model) -> int:
+    """Tokens per prefill call: a TitansQwen's segment (the unit its conversion chose to bound the peak memory),
+    else mlx-lm's default."""
+    return model.titans.segment_size if hasattr(model, "titans") else 2048
+
+
+def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, **kwargs):
+    """mlx_lm.stream_generate for our models, with the same arguments and GenerationResponses; the prompt is
+    prefilled prefill_step(model) tokens per call unless `prefill_step_size` says otherwise. A `prompt_cache`
+    (model.make_cache(), or load_cache_file's) is updated in place: afterwards it has read the prompt and every
+    token of the reply, so save_cache_file keeps the state and a later call continues from it."""
+    from mlx_lm.generate import stream_generate as mlx_stream_generate
+
+    kwargs.setdefault("prefill_step_size", prefill_step(model))
+    return mlx_stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs)
+
+
+def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
+    """mlx_lm.generate for our models: the reply's text (see stream_generate)."""
+    from mlx_lm.generate import generate as mlx_generate
+
+    kwargs.setdefault("prefill_step_size", prefill_step(model))
+    return mlx_generate(model, tokenizer, prompt, verbose=verbose, **kwargs)
+
+
 class UserError(Exception):
     """A bad input: reported as one line, exit status 1."""
 

@@ -13,7 +13,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .blocks import LayerCache
-from .files import atomic_safetensors, fingerprint, load_safetensors_checked
+from .files import atomic_safetensors, fingerprint, load_safetensors_checked, read_metadata_checked
 
 CACHE_FORMAT = "mlx-titans-cache/3"
 
@@ -65,10 +65,27 @@ def save_cache_file(path, model, cache: list) -> None:
 
 
 def load_cache_file(path, model) -> list:
-    """The cache `save_cache_file` wrote, continuing exactly where it stopped; refuses one saved for another model,
-    saying which of the models' settings differ."""
+    """The cache `save_cache_file` wrote, continuing exactly where it stopped (refused as `check_cache_file` says)."""
     ours = model.description()
     arrays, metadata = load_safetensors_checked(path, CACHE_FORMAT, f"{ours['model']} memory state", "0.format")
+    check_model(path, ours, metadata)
+    try:
+        return caches_from(arrays, metadata)[0]
+    except (KeyError, TypeError, IndexError, AttributeError, json.JSONDecodeError) as e:  # our format, damaged
+        raise ValueError(f"memory state {path} is damaged ({type(e).__name__}: {e})") from None
+
+
+def check_cache_file(path, model) -> dict:
+    """The metadata of a file `save_cache_file` wrote for `model`, read from its header alone (no MLX: the server
+    checks files in its HTTP threads); refuses one saved for another model, saying which settings differ."""
+    ours = model.description()
+    metadata = read_metadata_checked(path, CACHE_FORMAT, f"{ours['model']} memory state", "0.format")
+    check_model(path, ours, metadata)
+    return metadata
+
+
+def check_model(path, ours: dict, metadata: dict) -> None:
+    """ValueError unless the file's metadata names the model described by `ours` (its fingerprint)."""
     try:
         if metadata["0.fingerprint"] != fingerprint(ours):
             saved, ours = dict(tree_flatten(json.loads(metadata["0.model"]))), dict(tree_flatten(ours))
@@ -76,6 +93,5 @@ def load_cache_file(path, model) -> list:
             raise ValueError(
                 f"memory state {path} was saved for another model (another config: differs in {', '.join(differ[:6])})"
             )
-        return caches_from(arrays, metadata)[0]
-    except (KeyError, TypeError, IndexError, AttributeError, json.JSONDecodeError) as e:  # our format, damaged
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:  # our format, damaged
         raise ValueError(f"memory state {path} is damaged ({type(e).__name__}: {e})") from None
