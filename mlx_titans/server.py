@@ -28,6 +28,7 @@ from mlx_lm.models.cache import LRUPromptCache
 from mlx_lm.server import APIHandler, CompletionRequest, ModelProvider, ResponseGenerator
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
+from .files import command_name
 from .generate import DEFAULT_MODEL, load, prefill_step
 from .prompt_cache import check_cache_file, load_cache_file, save_cache_file
 
@@ -140,7 +141,11 @@ def model_id(args) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=command_name("mlx_titans.server"),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", help="a TitansQwen or TitansLM folder, a Qwen folder or Hub id (default: embedded)")
     p.add_argument("--adapter-path", default=None, help="memory adapters trained by mlx_titans.adapt (TitansQwen)")
     p.add_argument("--window", type=int, default=None, help="attention window (TitansQwen)")
