@@ -24,13 +24,12 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
-from mlx_lm.utils import load_model
 
 from benchmarks import cost_model
 from benchmarks.machine import device_name
 from mlx_titans.files import write_json_atomic
 from mlx_titans.prefill import tokens_seen
-from mlx_titans.qwen import TitansQwenConfig, build_model, read_qwen_config
+from mlx_titans.qwen import TitansQwenConfig, build_model, load_plain_qwen, read_qwen_config
 from mlx_titans.qwen.config import text_config
 from mlx_titans.qwen.random_model import PRESETS, preset_config, random_model
 
@@ -260,7 +259,7 @@ def load_model_for(method, args, config, titans, path):
     if path is None:
         bits = args.q_bits if args.quantize else None
         return random_model(config, titans if method == "titans" else None, bits, args.q_group_size, args.dtype)
-    return build_model(path, titans)[0] if method == "titans" else load_model(path)[0]
+    return build_model(path, titans)[0] if method == "titans" else load_plain_qwen(path)[0]
 
 
 def main(argv=None):

@@ -14,7 +14,7 @@ windowed variants), and counts as answered when every answer token is the argmax
 TitansQwen: RULER-style text needles (mlx_titans.text_needles) in the --haystack books, through the model's own
 tokenizer; a sample counts as answered when greedy generation gives the value(s) (mlx_titans.text_eval). The same
 samples, at depths evenly spread over [0, 1], go to every method (a row of the results):
-  "stock mlx-lm, full attention"          mlx_lm.load(FOLDER): the plain Qwen the folder was converted from
+  "stock mlx-lm, full attention"          load_plain_qwen(FOLDER): the plain Qwen the folder was converted from
   "stock mlx-lm, rotating cache W+4"      the same with mlx-lm's RotatingKVCache of the TitansQwen window + 4 sinks
   "TitansQwen, no adapters"               the folder as it is (converted: gate closed, the window alone)
   "TitansQwen + A"                        with each --adapters folder
@@ -44,7 +44,7 @@ from benchmarks.machine import device_name
 from mlx_titans.files import write_json_atomic
 from mlx_titans.model import load_model
 from mlx_titans.niah import accuracy, plot
-from mlx_titans.qwen import TitansQwenConfig, build_model, load, read_qwen_config
+from mlx_titans.qwen import TitansQwenConfig, build_model, load, load_plain_qwen, read_qwen_config
 from mlx_titans.qwen.adapters import load_adapters
 from mlx_titans.tasks import TASKS
 from mlx_titans.text_eval import answer_loss, needle_accuracy, needle_samples, text_windows, window_losses
@@ -115,7 +115,7 @@ def qwen_methods(args, titans) -> list:
 
 def load_method(folder, what):
     if what == "stock":
-        return mlx_lm.load(folder)[0]
+        return load_plain_qwen(folder)[0]
     adapters, memory = what
     return load(folder, adapter_path=adapters, memory=memory)[0]
 

@@ -39,6 +39,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .data import random_windows, shard, split_files, token_stream, valid_windows
 from .files import cache_root, command_name, run_reporting_errors, save_safetensors_atomic, write_json_atomic
 from .qwen import load as load_titans_qwen
+from .qwen import load_plain_qwen
 from .qwen.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, adapter_weights, make_trainable
 from .qwen.model import output_layer
 from .text_needles import TASKS, make_haystack, training_row
@@ -271,9 +272,7 @@ class Run:
 
 def load_teacher(path, model):
     """The base with full attention (stock mlx-lm), sharing the student's base weights (no second copy)."""
-    from mlx_lm.utils import load_model
-
-    teacher, _ = load_model(Path(path), lazy=True)
+    teacher, _ = load_plain_qwen(path, lazy=True)
     base = [(k, v) for k, v in tree_flatten(model.parameters()) if ".memory" not in k]
     teacher.update(tree_unflatten(base))
     return teacher

@@ -3,9 +3,9 @@
 import json
 
 import pytest
-from mlx_lm.utils import load_model
 
 from benchmarks import context_scaling
+from mlx_titans.qwen import load_plain_qwen
 from mlx_titans.qwen.convert import convert
 
 pytestmark = pytest.mark.benchmark  # smoke tests of a benchmarks/ command line, at tiny sizes
@@ -95,7 +95,7 @@ def test_a_converted_hybrid_moe(hf, tmp_path):
     assert [(r["method"], r["context"]) for r in result["rows"]] == [
         (m, n) for m in ("titans", "full", "rotating") for n in (128, 256)
     ]
-    model = load_model(tmp_path / "q")[0]
+    model = load_plain_qwen(tmp_path / "q")[0]
     rotating = context_scaling.make_cache(model, "rotating", 64)
     assert [type(c).__name__ for c in rotating] == ["ArraysCache", "RotatingKVCache"]
     full = {c["context"]: c["kv_gb"] for c in result["analytic"]["cost"] if c["method"] == "full"}

@@ -3,6 +3,7 @@ type it supports."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from mlx_lm.models.switch_layers import SwitchLinear
 
 import mlx_titans.qwen.convert as converter
 from mlx_titans.generate import main as generate
-from mlx_titans.qwen import load, memory_weights
+from mlx_titans.qwen import MEMORY_WEIGHTS, load, load_plain_qwen, memory_weights
 from mlx_titans.qwen.config import QWEN_TYPES
 from mlx_titans.qwen.random_model import make_tiny_qwen
 
@@ -68,7 +69,10 @@ def test_convert_quantized_then_load_generate_and_stock_load(hf, arch, tmp_path)
     responses = list(stream_generate(model, tokenizer, "Hello world", max_tokens=6, prefill_step_size=5))
     assert responses[-1].generation_tokens == 6 or responses[-1].finish_reason == "stop"
 
-    stock, stock_tokenizer = mlx_lm.load(str(out))  # the plain Qwen: no memory, base weights only
+    with pytest.raises(ValueError, match="custom module"):  # stock mlx-lm refuses it rather than run it plainly
+        mlx_lm.load(str(out))
+    stock, config = load_plain_qwen(out)  # the plain Qwen: no memory, base weights only
+    stock_tokenizer = tokenizer
     assert not any(".memory" in name for name, _ in tree_flatten(stock.parameters()))
     tokens = mx.array([stock_tokenizer.encode("The quick brown fox jumps over")])
     assert tokens.shape[1] <= 24
@@ -133,7 +137,7 @@ def test_rope_settings_only_in_rope_parameters_are_honoured(arch, tmp_path):
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192, "rope_theta": 1e4}
     hf = with_rope_parameters(make_tiny_qwen(tmp_path / "hf", arch), **yarn)
     converter.convert(hf, tmp_path / "out", dtype="float32")  # MLX's CPU runs MoE experts (gather_mm) in float32 only
-    ours, converted, stock = load(hf)[0], load(tmp_path / "out")[0], mlx_lm.load(str(tmp_path / "out"))[0]
+    ours, converted, stock = load(hf)[0], load(tmp_path / "out")[0], load_plain_qwen(tmp_path / "out")[0]
     for model in (ours, converted, stock):
         ropes = [layer.self_attn.rope for layer in model.layers if "self_attn" in layer]
         assert ropes and all(isinstance(rope, YarnRoPE) for rope in ropes)
@@ -206,3 +210,25 @@ def test_generate_refuses_an_unsupported_model_type_naming_the_supported_ones(tm
     assert generate(["--model", str(llama), "-p", "hi"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {llama} holds a 'llama' model; TitansQwen supports model_type {', '.join(QWEN_TYPES)}"]
+
+
+def test_stock_mlx_lm_with_trust_remote_code_runs_the_real_titans_qwen(titans_qwen, tmp_path):
+    """config.json's model_file: stock mlx-lm (trust_remote_code) builds TitansQwen with the folder's memory weights
+    (here a memory made to matter: gate open, random weights), and generates as mlx-titans does past the window."""
+    folder = tmp_path / "q"
+    shutil.copytree(titans_qwen, folder)
+    weights = mx.load(str(folder / MEMORY_WEIGHTS))
+    weights = {
+        k: (mx.ones_like(v) if k.endswith("memory_gate") else v + 0.1 * mx.random.normal(v.shape))
+        for k, v in weights.items()
+    }
+    mx.save_safetensors(str(folder / MEMORY_WEIGHTS), weights, metadata={"format": "mlx"})
+    ours, tokenizer, _ = load(folder)
+    stock, stock_tokenizer = mlx_lm.load(str(folder), trust_remote_code=True)
+    assert type(stock).__mro__[1] is type(ours) and len(memory_weights(stock)) == len(weights)
+    prompt = "The quick brown fox jumps over the lazy dog. " * 6  # past the window (16) and a memory segment
+    assert len(tokenizer.encode(prompt)) > 40
+    expected = mlx_lm.generate(ours, tokenizer, prompt, max_tokens=8, prefill_step_size=16)
+    assert mlx_lm.generate(stock, stock_tokenizer, prompt, max_tokens=8, prefill_step_size=16) == expected
+    plain = mlx_lm.generate(load_plain_qwen(folder)[0], tokenizer, prompt, max_tokens=8, prefill_step_size=16)
+    assert plain != expected  # the memory (and the window) change what is generated

@@ -5,13 +5,12 @@ from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx_lm
 import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 from benchmarks.niah import main
-from mlx_titans.qwen import load
+from mlx_titans.qwen import load, load_plain_qwen
 from mlx_titans.qwen.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, adapter_weights
 from mlx_titans.qwen.convert import convert
 from mlx_titans.qwen.random_model import make_tiny_qwen
@@ -75,7 +74,7 @@ def test_window_only_titans_qwen_generates_as_stock_full_attention(tiny):
     root, tokenizer, haystack = tiny
     samples = needle_samples("passkey", tokenizer, haystack, 100, 3, seed=0)
     titans = load(root / "titans", window=256)[0]
-    stock = mlx_lm.load(str(root / "titans"))[0]
+    stock = load_plain_qwen(root / "titans")[0]
     expected = greedy_continuations(stock, tokenizer, samples)
     assert greedy_continuations(titans, tokenizer, samples, step=16) == expected
     assert len(set(expected)) > 1
@@ -103,7 +102,7 @@ def test_batched_answers_equal_one_at_a_time(tiny, method):
     """A batch of samples gets the continuations each sample gets alone (windows evicted: prompts of 100 > 64 + 4)."""
     root, tokenizer, haystack = tiny
     if method in ("full", "rotating"):
-        model = mlx_lm.load(str(root / "titans"))[0]
+        model = load_plain_qwen(root / "titans")[0]
     else:
         model = load(root / "titans", adapter_path=root / "adapters" if method == "adapters" else None)[0]
     make_cache = partial(make_prompt_cache, max_kv_size=68) if method == "rotating" else make_prompt_cache
@@ -121,7 +120,7 @@ def test_first_window_loss_is_full_attention_loss(tiny):
     root, _, haystack = tiny
     inputs, targets = text_windows(haystack.ids, 160, 3)
     assert inputs.shape == targets.shape == (3, 160) and (inputs[:, 1:] == targets[:, :-1]).all()
-    stock = mlx_lm.load(str(root / "titans"))[0]
+    stock = load_plain_qwen(root / "titans")[0]
     full = window_losses(stock, inputs, targets, 64, 96, step=48)
     windowed = window_losses(load(root / "titans")[0], inputs, targets, 64, 96, batch=2, step=32)
     assert windowed[0] == pytest.approx(full[0], rel=1e-5)

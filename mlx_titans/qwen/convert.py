@@ -9,8 +9,9 @@ mlx_lm.convert writes (config.json, model.safetensors, tokenizer files), a "tita
 titans_memory.safetensors: the NeuralMemory weights and gates, float32, never quantized (untrained: gates closed).
 Load it with `mlx_titans.qwen.load(OUT)`.
 
-Stock mlx-lm loads OUT as the plain Qwen it came from: `mlx_lm.load(OUT)` reads only model*.safetensors and ignores
-config.json's titans section, so titans_memory.safetensors is never looked at.
+config.json names titans_model.py (a copy of mlx_titans/qwen/model_file.py) as mlx-lm's model_file: stock mlx-lm with
+--trust-remote-code builds the real TitansQwen from it (window, sinks, memory), and without it refuses OUT, rather
+than silently running the plain Qwen with a full cache and no memory.
 
 OUT is built in a temporary directory beside it and renamed into place at the end: on any error or Ctrl-C nothing is
 left behind. An existing OUT is refused.
@@ -18,6 +19,7 @@ left behind. An existing OUT is refused.
 
 import argparse
 import re
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -27,7 +29,7 @@ from tqdm import tqdm
 
 from ..files import atomic_folder, command_name, run_reporting_errors
 from ..train import json_arg
-from . import MEMORY_WEIGHTS, build_model, memory_weights, qwen_tokenizer, read_qwen_config
+from . import MEMORY_WEIGHTS, MODEL_FILE, build_model, memory_weights, qwen_tokenizer, read_qwen_config
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 DTYPES = ("float16", "bfloat16", "float32")
@@ -99,12 +101,13 @@ def convert(hf_path, mlx_path, quantize=False, q_bits=4, q_group_size=64, dtype=
 
 
 def save_folder(out: Path, src: Path, model, tokenizer, config: dict) -> None:
-    """Write a TitansQwen folder, whole or not at all: mlx-lm's files of the base (stock mlx-lm loads them as the
-    plain Qwen) and MEMORY_WEIGHTS."""
+    """Write a TitansQwen folder, whole or not at all: mlx-lm's files of the base, MEMORY_WEIGHTS, and MODEL_FILE
+    named in config.json so that stock mlx-lm builds TitansQwen (with --trust-remote-code) or refuses the folder."""
     with atomic_folder(out) as tmp:
         memory = pop_memory(model)
-        save(tmp, src, model, tokenizer, config)
+        save(tmp, src, model, tokenizer, {**config, "model_file": MODEL_FILE})
         mx.save_safetensors(str(tmp / MEMORY_WEIGHTS), memory, metadata={"format": "mlx"})
+        shutil.copy(Path(__file__).with_name("model_file.py"), tmp / MODEL_FILE)
 
 
 def titans_section(args) -> dict:

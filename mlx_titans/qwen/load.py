@@ -14,6 +14,7 @@ from .config import TitansQwenConfig, check_model_type, rope_settings, text_conf
 from .model import get_model_classes, memory_weights
 
 MEMORY_WEIGHTS = "titans_memory.safetensors"
+MODEL_FILE = "titans_model.py"  # mlx-lm's model_file in config.json: stock mlx-lm builds TitansQwen (model_file.py)
 # what mlx-lm (its asserts included) and transformers (for the tokenizer) raise on a config.json field they cannot use
 CONFIG_ERRORS = (TypeError, KeyError, AttributeError, IndexError, ArithmeticError, AssertionError, StrictDataclassError)
 
@@ -75,7 +76,10 @@ def build_model(path: Path, titans: dict, lazy: bool = False):
     rope = rope_settings(read_qwen_config(path))
     try:
         model, config = load_model(
-            path, lazy=True, model_config={"titans": titans, **rope}, get_model_classes=get_model_classes
+            path,
+            lazy=True,
+            model_config={"titans": titans, **rope, "model_file": None},
+            get_model_classes=get_model_classes,
         )
         if (path / MEMORY_WEIGHTS).exists():
             load_memory_weights(model, path / MEMORY_WEIGHTS)
@@ -86,7 +90,14 @@ def build_model(path: Path, titans: dict, lazy: bool = False):
     except CONFIG_ERRORS as e:
         raise damaged_config(path, e) from None
     config["titans"] = model.titans.to_section()
+    config.pop("model_file")
     return model, config
+
+
+def load_plain_qwen(path, lazy: bool = False):
+    """(model, config): mlx-lm's plain Qwen of a TitansQwen folder, its base weights only (the memory left out), as
+    stock mlx-lm would load it were config.json's model_file not there."""
+    return load_model(Path(path), lazy=lazy, model_config={"model_file": None})
 
 
 def qwen_tokenizer(path: Path, config: dict):
