@@ -108,6 +108,19 @@ def atomic_folder(path):
         raise
 
 
+def read_json_object(file, what: str = "") -> dict:
+    """A JSON file holding an object, as a dict; one clear error naming it (after `what`, e.g. "config file ")
+    otherwise."""
+    file = Path(file)
+    try:
+        value = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what}{file} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what}{file} is not a JSON object")
+    return value
+
+
 def write_json_atomic(path, obj) -> None:
     """JSON into a temporary file beside `path`, renamed into place once complete."""
     path = Path(path)

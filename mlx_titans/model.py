@@ -16,7 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .blocks import VARIANTS, Block, LayerCache
-from .files import atomic_folder, check_field_types, read_safetensors
+from .files import atomic_folder, check_field_types, read_json_object, read_safetensors
 from .memory_config import MemoryConfig
 
 
@@ -137,14 +137,7 @@ def checkpoint_folder(path) -> Path:
 
 def read_config(folder) -> dict:
     """config.json of a model folder as a dict; one clear error if it is not a JSON object."""
-    file = Path(folder) / "config.json"
-    try:
-        config = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{file} is not a JSON object")
-    return config
+    return read_json_object(Path(folder) / "config.json")
 
 
 def load_model(path, memory: Optional[dict] = None) -> TitansLM:

@@ -35,8 +35,15 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
 from .data import load_task_source, random_windows, shard, split_files, token_stream, valid_windows
-from .files import atomic_folder, command_name, read_safetensors, run_reporting_errors, write_json_atomic
-from .model import TitansLMConfig, TitansLM, save_model
+from .files import (
+    atomic_folder,
+    command_name,
+    read_json_object,
+    read_safetensors,
+    run_reporting_errors,
+    write_json_atomic,
+)
+from .model import TitansLM, TitansLMConfig, save_model
 from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 MODEL_KEYS = ("variant", "dim", "layers", "heads", "mlp_dim", "window", "persistent_tokens", "memory", "memory_layers")
@@ -154,12 +161,7 @@ def read_settings(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    try:
-        settings = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"config file {path} is not valid JSON: {e}") from None
-    if not isinstance(settings, dict):
-        raise ValueError(f"config file {path} is not a JSON object of settings")
+    settings = read_json_object(path, "config file ")
     unknown = set(settings) - set(DEFAULTS) - set(MODEL_KEYS)
     if unknown:
         raise ValueError(f"config file {path} has unknown settings {sorted(unknown)}")

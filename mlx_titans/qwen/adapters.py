@@ -9,14 +9,13 @@ loader cannot take these adapters (it accepts LoRA weights only), and stock mlx-
 still loads in stock mlx-lm as the plain Qwen (with the LoRA merged, if any).
 """
 
-import json
 from pathlib import Path
 from typing import Optional
 
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from ..files import fingerprint, read_safetensors
+from ..files import fingerprint, read_json_object, read_safetensors
 from .model import is_memory_weight
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -76,12 +75,7 @@ def read_adapter_config(path) -> dict:
     file = path / ADAPTER_CONFIG
     if not file.is_file() or not (path / ADAPTER_WEIGHTS).is_file():
         raise ValueError(f"{path} is not an adapters folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    try:
-        config = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{file} is not a JSON object")
+    config = read_json_object(file)
     if config.get("fine_tune_type") != FINE_TUNE_TYPE:
         raise ValueError(
             f"{path} holds {config.get('fine_tune_type', 'lora')!r} adapters, not TitansQwen memory "
