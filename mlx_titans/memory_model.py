@@ -71,13 +71,31 @@ def exp(x):
     return p * mx.stop_gradient(mx.left_shift(k.astype(mx.int32) + 127, 23).view(mx.float32))
 
 
+def normal_pdf(a):
+    return exp(-0.5 * a * a) * (1 / math.sqrt(2 * math.pi))
+
+
+# GELU and its slope have their exact derivatives as vjps: autodiff through the polynomials (a trained memory's
+# backward) would keep each of their steps, and the slopes would be the polynomials' own.
+@mx.custom_function
 def gelu(x):
     """nn.gelu (exact, erf-based) with the fast erf."""
     return 0.5 * x * (1.0 + erf(x * (1 / math.sqrt(2))))
 
 
+@mx.custom_function
 def gelu_grad(a):
-    return 0.5 * (1.0 + erf(a * (1 / math.sqrt(2)))) + a * exp(-0.5 * a * a) * (1 / math.sqrt(2 * math.pi))
+    return 0.5 * (1.0 + erf(a * (1 / math.sqrt(2)))) + a * normal_pdf(a)
+
+
+@gelu.vjp
+def gelu_vjp(x, cotangent, output):
+    return cotangent * gelu_grad(x)
+
+
+@gelu_grad.vjp
+def gelu_grad_vjp(a, cotangent, output):
+    return cotangent * (2 - a * a) * normal_pdf(a)
 
 
 def memory_forward(weights: dict, x):
