@@ -68,7 +68,7 @@ def exp(x):
     p = 1 / math.factorial(7)
     for n in range(6, -1, -1):
         p = p * r + 1 / math.factorial(n)
-    return p * mx.stop_gradient(mx.left_shift(k.astype(mx.int32) + 127, 23).view(mx.float32))
+    return p * mx.stop_gradient(mx.left_shift(k.astype(mx.int32) + 127, 23).view(mx.float32).astype(x.dtype))
 
 
 def normal_pdf(a):
