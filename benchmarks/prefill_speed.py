@@ -12,6 +12,7 @@ round. --memory sets MemoryConfig fields (chunk_size, batch_size) to measure the
 """
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -90,6 +91,7 @@ def main(argv=None):
     result = {
         "device": device_name(),
         "command": "python -m benchmarks.prefill_speed " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "ld_preload": os.environ.get("LD_PRELOAD"),  # on Linux CPUs, the BLAS that served the matmuls
         "model": name,
         "bits_label": f"{args.q_bits}-bit" if args.quantize else args.dtype,
         "titans": titans,
