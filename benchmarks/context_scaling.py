@@ -196,6 +196,8 @@ def add_model_args(p):
     p.add_argument("--burn-in", type=float, default=30.0, help="seconds of load before the first measurement")
     p.add_argument("--max-kv-size", type=int, default=4096, help="the rotating cache's size (mlx-lm --max-kv-size)")
     p.add_argument("--window", type=int, help="TitansQwen attention window (default: the titans section's)")
+    p.add_argument("--memory-layers", type=int, nargs="*", help="TitansQwen's memory layers (default: the section's)")
+    p.add_argument("--memory", type=json.loads, help="MemoryConfig fields as JSON, e.g. '{\"chunk_size\": 256}'")
     p.add_argument(
         "--quantize",
         "-q",
@@ -224,6 +226,10 @@ def model_source(args):
         args.quantize, args.q_bits, args.q_group_size = bool(q), (q or {}).get("bits"), (q or {}).get("group_size", 64)
     if args.window:
         section["window"] = args.window
+    if args.memory_layers is not None:
+        section["memory_layers"] = args.memory_layers
+    if args.memory:
+        section["memory"] = {**section.get("memory", {}), **args.memory}
     titans = TitansQwenConfig.for_config(section, config).to_section()
     return path, config, titans, name
 

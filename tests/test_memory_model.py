@@ -1,7 +1,10 @@
+import math
+
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 
-from mlx_titans.memory_model import init_memory_weights, memory_grads, memory_grads_autodiff
+from mlx_titans.memory_model import erf, exp, gelu, gelu_grad, init_memory_weights, memory_grads, memory_grads_autodiff
 from mlx_titans.scan import scan_loop, scan_matmul
 
 
@@ -22,6 +25,20 @@ def test_manual_grads_match_vmap_grad(depth, residual_norm, loss):
     for name in ours:
         assert ours[name].shape == (B, m, *w[name].shape[1:])
         assert mx.allclose(ours[name], oracle[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_fast_erf_exp_and_gelu_are_float32_accurate():
+    """The rational erf and the range-reduced exp (MLX's run scalar on the CPU) agree with float64 to float32
+    precision; GELU, its slope and the slopes' vjps agree with nn.gelu's autodiff."""
+    x = mx.linspace(-10, 10, 4001)
+    assert max(abs(a - math.erf(v)) for a, v in zip(erf(x).tolist(), x.tolist())) < 1e-6
+    neg = mx.linspace(-80, 0, 4001)
+    assert max(abs(a / math.exp(v) - 1) for a, v in zip(exp(neg).tolist(), neg.tolist())) < 1e-6
+    slope = mx.grad(lambda t: nn.gelu(t).sum())
+    assert mx.allclose(gelu(x), nn.gelu(x), atol=1e-6)
+    assert mx.allclose(mx.grad(lambda t: gelu(t).sum())(x), slope(x), atol=1e-6)
+    assert mx.allclose(gelu_grad(x), slope(x), atol=1e-6)
+    assert mx.allclose(mx.grad(lambda t: gelu_grad(t).sum())(x), mx.grad(lambda t: slope(t).sum())(x), atol=1e-5)
 
 
 def test_scan_matmul_matches_loop_and_splits():

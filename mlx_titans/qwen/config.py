@@ -62,7 +62,14 @@ def text_config(config: dict) -> dict:
     return config.get("text_config", config)
 
 
-DEFAULT_MEMORY = {"heads": 4, "dim_head": 128, "chunk_size": 64}
+DEFAULT_MEMORY = {"heads": 4, "chunk_size": 64}
+
+
+def default_dim_head(hidden_size: int, heads) -> int:
+    """128, or less where the memory would be wider than the model (heads * dim_head > hidden_size): such a memory
+    costs more per token than the layers it serves (on the CPU a 128-wide Qwen2 with 4 x 128 memories prefilled at
+    a third of stock mlx-lm's speed, benchmarks/results/prefill_speed_cpu.json)."""
+    return max(1, min(128, hidden_size // heads)) if type(heads) is int and heads > 0 else 128
 
 
 def default_memory_layers(num_layers: int, count: int = 4) -> list:
@@ -101,7 +108,11 @@ class TitansQwenConfig:
             bad(f"memory_layers must be a list of layer indices, got {layers!r}")
         layers = tuple(sorted(set(default_memory_layers(num_layers) if layers is None else layers)))
         sizes = {k: section[k] for k in ("window", "sink_tokens", "segment_size") if k in section}
-        cfg = cls(layers, MemoryConfig.from_dict({**DEFAULT_MEMORY, **memory, "dim": hidden_size}), **sizes)
+        defaults = {
+            **DEFAULT_MEMORY,
+            "dim_head": default_dim_head(hidden_size, memory.get("heads", DEFAULT_MEMORY["heads"])),
+        }
+        cfg = cls(layers, MemoryConfig.from_dict({**defaults, **memory, "dim": hidden_size}), **sizes)
         check_field_types(cfg)
         if any(not 0 <= i < num_layers for i in layers):
             bad(f"memory_layers {list(layers)} must lie in 0..{num_layers - 1}")

@@ -326,6 +326,26 @@ PRESETS = {  # the shapes of the Hugging Face configs (the qwen3.6 ones partly i
         vocab_size=512,
         tie_word_embeddings=True,
     ),
+    "cpu-128": dict(  # issue 21's CPU speed models: a memory wider than the model, and one that is a small part
+        model_type="qwen2",
+        hidden_size=128,
+        num_hidden_layers=4,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        tie_word_embeddings=True,
+    ),
+    "cpu-1024": dict(
+        model_type="qwen2",
+        hidden_size=1024,
+        num_hidden_layers=16,
+        intermediate_size=2816,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=1000,
+        tie_word_embeddings=True,
+    ),
 }
 COMMON = dict(rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768)
 
