@@ -116,7 +116,11 @@ def run(args) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.adapt_cost",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--presets", nargs="+", choices=PRESETS, default=["qwen2.5-0.5b", "qwen2.5-7b"])
     p.add_argument("--multiples", nargs="+", type=int, default=[4, 16, 32], help="sample lengths / the window")
     p.add_argument("--bits", type=int, default=4, help="the base's quantization (0: bfloat16)")

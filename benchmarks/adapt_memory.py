@@ -100,7 +100,11 @@ def run(args) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.adapt_memory",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", required=True, help="a TitansQwen folder")
     p.add_argument("--multiples", type=int, nargs="+", default=[4, 8, 16, 32], help="sample lengths / the window")
     p.add_argument("--repeats", type=int, default=2, help="timed steps per length")

@@ -235,7 +235,11 @@ def model_source(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.context_scaling",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_model_args(p)
     p.add_argument("--methods", nargs="+", choices=cost_model.METHODS, default=list(cost_model.METHODS))
     p.add_argument("--contexts", nargs="+", type=int, default=DEFAULT_CONTEXTS)

@@ -183,7 +183,7 @@ def format_row(r):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.memory_throughput", description=__doc__.split("\n")[0])
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--chunk", type=int, nargs="+", default=[64])

@@ -205,7 +205,9 @@ def titans_qwen(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.niah", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     models = p.add_mutually_exclusive_group(required=True)
     models.add_argument(
         "--models", nargs="+", help="TitansLM checkpoint folders, or training runs (their newest checkpoint)"
