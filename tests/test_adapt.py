@@ -18,16 +18,9 @@ from mlx_titans.qwen.config import QWEN_TYPES
 from mlx_titans.qwen.convert import convert
 from mlx_titans.qwen.random_model import make_tiny_qwen
 from mlx_titans.tokenizer import EOS
-from test_qwen import titans_model
+from test_qwen import SMALL, titans_model
 from test_train import launch_two
 
-SMALL = {
-    "memory_layers": [0, 1],
-    "window": 16,
-    "sink_tokens": 4,
-    "segment_size": 16,
-    "memory": {"heads": 2, "dim_head": 16, "chunk_size": 8},
-}
 WORDS = ["green", "quiet", "distant", "small", "red", "old", "bright", "heavy"]
 
 
