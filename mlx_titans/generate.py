@@ -38,7 +38,8 @@ def load(path=None, *, window: int | None = None, adapter_path=None):
     converted once). The tokenizer is mlx-lm's TokenizerWrapper, so mlx-lm's generation and server take the pair
     as they take their own. ValueError (FileNotFoundError for a missing weights file) for what cannot be loaded."""
     path = DEFAULT_MODEL if path is None else path
-    if is_titans_lm(Path(path)):
+    folder = titans_lm_checkpoint(Path(path)) if Path(path).is_dir() else None
+    if folder is not None:
         if window is not None or adapter_path is not None:
             raise ValueError("window and adapter_path apply to TitansQwen; a TitansLM's window is part of its model")
         from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -47,10 +48,10 @@ def load(path=None, *, window: int | None = None, adapter_path=None):
 
         from .model import load_model
 
-        if not (Path(path) / "tokenizer.json").is_file():
-            raise ValueError(f"{path} has no tokenizer.json")
-        tokenizer = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
-        return load_model(path), TokenizerWrapper(PreTrainedTokenizerFast(tokenizer_object=tokenizer))
+        if not (folder / "tokenizer.json").is_file():
+            raise ValueError(f"{folder} has no tokenizer.json")
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        return load_model(folder), TokenizerWrapper(PreTrainedTokenizerFast(tokenizer_object=tokenizer))
     from . import qwen
 
     if not Path(path).exists():
@@ -61,10 +62,13 @@ def load(path=None, *, window: int | None = None, adapter_path=None):
     return model, tokenizer
 
 
-def is_titans_lm(path: Path) -> bool:
-    """Whether `path` is a TitansLM checkpoint folder (config.json's model_type "titans")."""
-    config = path / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == "titans"
+def titans_lm_checkpoint(path: Path) -> Path | None:
+    """The TitansLM checkpoint the folder `path` names (itself, or a training run's newest), or None for a folder
+    of another model (a Qwen's); FileNotFoundError where it holds no model at all."""
+    from .model import checkpoint_folder, read_config
+
+    folder = checkpoint_folder(path)
+    return folder if read_config(folder).get("model_type") == "titans" else None
 
 
 def prefill_step(model) -> int:
@@ -294,15 +298,13 @@ def open_model(args):
         if not (DEFAULT_MODEL / "config.json").is_file():
             raise UserError("this install has no embedded default model; pass --model")
         return TitansLMRunner(DEFAULT_MODEL, args)
-    from .model import checkpoint_folder, read_config
-
     path = Path(args.model)
     if path.is_dir():
         try:
-            folder = checkpoint_folder(path)
+            folder = titans_lm_checkpoint(path)
         except FileNotFoundError:
             raise UserError(f"no model at {path} (expected a folder with config.json, or a training run's)") from None
-        if read_config(folder).get("model_type") == "titans":
+        if folder is not None:
             return TitansLMRunner(folder, args)
     elif path.exists() or args.model.startswith((".", "/", "~")):
         raise UserError(f"no model at {args.model} (expected a folder with config.json)")

@@ -68,3 +68,11 @@ def test_the_generate_command_runs_without_warnings(checkpoint):
         text=True,
     )
     assert run.returncode == 0 and run.stderr == "" and run.stdout.strip()
+
+
+def test_load_takes_a_training_run_folder(checkpoint, tmp_path):
+    """load(), as the command line, runs a training run folder's newest checkpoint."""
+    shutil.copytree(checkpoint / "mac", tmp_path / "run" / "step-00000001")
+    shutil.copytree(checkpoint / "mac", tmp_path / "run" / "step-00000003")
+    expected = generate(*load(checkpoint / "mac"), TEXT, max_tokens=6)
+    assert generate(*load(tmp_path / "run"), TEXT, max_tokens=6) == expected
