@@ -15,11 +15,11 @@ names must be here): adapt_memory takes no optimizer step, so the prediction it 
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
 from benchmarks import cost_model
+from benchmarks.machine import command_line
 from mlx_titans.files import run_reporting_errors, write_json_atomic
 from mlx_titans.qwen import TitansQwenConfig, read_qwen_config
 from mlx_titans.qwen.random_model import PRESETS, preset_config
@@ -93,7 +93,7 @@ def run(args) -> None:
             f"{r['seconds_per_sample']:>10.1f}{r['hours_per_million_tokens']:>9.2f}"
         )
     result = {
-        "command": shlex.join(["python", "-m", "benchmarks.adapt_cost", *sys.argv[1:]]),
+        "command": command_line("benchmarks.adapt_cost"),
         "tflop_s": {
             "value": args.tflops,
             "estimate": True,

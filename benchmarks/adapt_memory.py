@@ -10,7 +10,6 @@ includes the weights. JSON + PNG.
 """
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from benchmarks.machine import device_name
+from benchmarks.machine import command_line, device_name
 from mlx_titans.adapt import sample_loss, value_and_grad
 from mlx_titans.files import run_reporting_errors, write_json_atomic
 from mlx_titans.qwen import load
@@ -88,7 +87,7 @@ def run(args) -> None:
     write_json_atomic(
         out,
         {
-            "command": shlex.join(["python", "-m", "benchmarks.adapt_memory", *sys.argv[1:]]),
+            "command": command_line("benchmarks.adapt_memory"),
             "machine": device_name(),
             "model": str(args.model),
             "titans": model.titans.to_section(),

@@ -26,7 +26,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
 from benchmarks import cost_model
-from benchmarks.machine import device_name
+from benchmarks.machine import command_line, device_name
 from mlx_titans.files import write_json_atomic
 from mlx_titans.prefill import tokens_seen
 from mlx_titans.qwen import TitansQwenConfig, build_model, load_plain_qwen, read_qwen_config
@@ -279,7 +279,7 @@ def main(argv=None):
     result = {
         "device": device,
         "device_short": device.split(",")[0],
-        "command": "python -m benchmarks.context_scaling " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("benchmarks.context_scaling", argv),
         "model": name,
         "bits_label": f"{args.q_bits}-bit" if args.quantize else args.dtype,
         "titans": titans,

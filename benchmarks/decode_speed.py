@@ -24,7 +24,6 @@ call completes a memory chunk (one in chunk_size), reported apart.
 import argparse
 import gc
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from benchmarks.context_scaling import (
     random_tokens,
     run_piece,
 )
-from benchmarks.machine import device_name
+from benchmarks.machine import command_line, device_name
 from mlx_titans.files import write_json_atomic
 from mlx_titans.prefill import tokens_seen
 from mlx_titans.qwen.config import text_config
@@ -154,7 +153,7 @@ def main(argv=None):
     device = device_name()
     result = {
         "device": device,
-        "command": "python -m benchmarks.decode_speed " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("benchmarks.decode_speed", argv),
         "model": name,
         "bits_label": f"{args.q_bits}-bit" if args.quantize else args.dtype,
         "titans": titans,

@@ -15,7 +15,6 @@ each run's result.json, so s = 1 repeats its accuracy. JSON + PNG (accuracy agai
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.machine import device_name
+from benchmarks.machine import command_line, device_name
 from benchmarks.reproduce import NIAH_BLOCK, token_files
 from mlx_titans.data import load_tokens
 from mlx_titans.files import write_json_atomic
@@ -207,7 +206,7 @@ def main(argv=None):
         out,
         {
             "device": device_name(),
-            "command": shlex.join(["python", "-m", "benchmarks.forget_gate", *argv]),
+            "command": command_line("benchmarks.forget_gate", argv),
             "settings": {name: r["settings"] for name, r in results.items()},
             "checkpoints": {name: path.name for name, path in checkpoints.items()},
             "gates": gates,

@@ -2,8 +2,10 @@
 
 import os
 import platform
+import shlex
 import shutil
 import subprocess
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +17,12 @@ def device_name() -> str:
     """e.g. 'NVIDIA H100 80GB HBM3, mlx 0.32.4 on Device(gpu, 0); Linux-...'"""
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     return f"{info.get('device_name', '?')}, mlx {mx.__version__} on {mx.default_device()}; {platform.platform()}"
+
+
+def command_line(module: str, argv=None) -> str:
+    """The command that made a result, as a user types it (`python -m benchmarks.NAME ARGS`), for its "command"
+    field: `argv` when main was called with it, else the process's own arguments."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 class GPUs:

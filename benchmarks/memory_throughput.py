@@ -114,8 +114,8 @@ def torch_backend(impls):
     if "titans-pytorch" not in impls:
         return None, None, None
     try:
-        import torch
         import titans_pytorch  # noqa: F401
+        import torch
     except ImportError as e:
         return None, None, f"titans-pytorch skipped: {e}"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

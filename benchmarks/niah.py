@@ -28,19 +28,17 @@ first segment whose attention misses a token: TitansQwenConfig.first_beyond_wind
 import argparse
 import json
 import math
-import shlex
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
-import mlx_lm
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_tokenizer
 from tqdm import tqdm
 
-from benchmarks.machine import device_name
+from benchmarks.machine import command_line, device_name
 from mlx_titans.files import write_json_atomic
 from mlx_titans.model import load_model
 from mlx_titans.niah import accuracy, plot
@@ -48,7 +46,8 @@ from mlx_titans.qwen import TitansQwenConfig, build_model, load, load_plain_qwen
 from mlx_titans.qwen.adapters import load_adapters
 from mlx_titans.tasks import TASKS
 from mlx_titans.text_eval import answer_loss, needle_accuracy, needle_samples, text_windows, window_losses
-from mlx_titans.text_needles import TASKS as TEXT_TASKS, read_haystack
+from mlx_titans.text_needles import TASKS as TEXT_TASKS
+from mlx_titans.text_needles import read_haystack
 from mlx_titans.train import json_arg
 
 FROZEN_MEMORY = {"max_lr": 0.0, "max_decay": 0.0}  # no test-time updates: the memory stays at its initial weights
@@ -268,7 +267,10 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    write_json_atomic(out, {"device": device_name(), "command": shlex.join(sys.argv), "settings": settings, **results})
+    write_json_atomic(
+        out,
+        {"device": device_name(), "command": command_line("benchmarks.niah", argv), "settings": settings, **results},
+    )
     plots(results["rows"], out, plot_options)
 
 

@@ -14,13 +14,12 @@ round. --memory sets MemoryConfig fields (chunk_size, batch_size) to measure the
 import argparse
 import os
 import statistics
-import sys
 from pathlib import Path
 
 from mlx.utils import tree_flatten
 
 from benchmarks.context_scaling import add_model_args, burn_in, load_model_for, measure, model_source
-from benchmarks.machine import device_name
+from benchmarks.machine import command_line, device_name
 from mlx_titans.files import write_json_atomic
 from mlx_titans.qwen.config import text_config
 
@@ -90,7 +89,7 @@ def main(argv=None):
         burn_in(models[args.methods[0]], args.methods[0], vocab, args)
     result = {
         "device": device_name(),
-        "command": "python -m benchmarks.prefill_speed " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("benchmarks.prefill_speed", argv),
         "ld_preload": os.environ.get("LD_PRELOAD"),  # on Linux CPUs, the BLAS that served the matmuls
         "model": name,
         "bits_label": f"{args.q_bits}-bit" if args.quantize else args.dtype,

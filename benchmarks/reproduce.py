@@ -48,7 +48,7 @@ from benchmarks.machine import GPUs, device_name, log_tail, run_logged
 from mlx_titans import train
 from mlx_titans.data import load_tokens, mixed_batch, split_files, token_stream, valid_windows
 from mlx_titans.files import write_json_atomic
-from mlx_titans.model import TitansLMConfig, TitansLM, load_model
+from mlx_titans.model import TitansLM, TitansLMConfig, load_model
 from mlx_titans.niah import accuracy, plot
 from mlx_titans.tasks import FIRST_SYMBOL
 from mlx_titans.tokenizer import load_tokenizer
