@@ -126,7 +126,8 @@ def check_adapters(folder, adapters, titans):
         load_adapters(build_model(Path(folder), titans.to_section(), lazy=True)[0], path, titans.to_section())
 
 
-def titans_qwen(args):
+def titans_qwen(args, save=lambda results: None):
+    """The rows of every method; `save(results so far)` after each method, so that a run cut short keeps them."""
     if any(t not in TEXT_TASKS for t in args.tasks):
         sys.exit(f"error: --qwen takes the tasks {', '.join(TEXT_TASKS)}")
     if not args.haystack:
@@ -196,6 +197,7 @@ def titans_qwen(args):
                 f"{name}: loss {first:.4f} in the first {titans.window} positions"
                 + ("" if beyond is None else f", {beyond:.4f} beyond the window")
             )
+        save({"titans": titans.to_section(), "rows": rows, "perplexity": perplexity})
     bar.close()
     return {"titans": titans.to_section(), "rows": rows, "perplexity": perplexity}, {
         "line": "method",
@@ -263,14 +265,16 @@ def main(argv=None):
         return replot(args.replot)
     args.tasks = args.tasks or (["passkey", "number", "word"] if args.models else ["passkey", "number"])
 
-    results, plot_options = titans_lm(args) if args.models else titans_qwen(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    write_json_atomic(
-        out,
-        {"device": device_name(), "command": command_line("benchmarks.niah", argv), "settings": settings, **results},
-    )
+    header = {"device": device_name(), "command": command_line("benchmarks.niah", argv), "settings": settings}
+
+    def save(results):
+        write_json_atomic(out, {**header, **results})
+
+    results, plot_options = titans_lm(args) if args.models else titans_qwen(args, save)
+    save(results)
     plots(results["rows"], out, plot_options)
 
 

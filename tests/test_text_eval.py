@@ -202,3 +202,27 @@ def test_cli_writes_every_method_and_bad_input_is_one_error(tiny, tmp_path):
         with pytest.raises(SystemExit, match=f"^error: .*{message}"):
             main([*common, "--lengths", "100", *bad, "--out", str(tmp_path / "bad.json")])
     assert not (tmp_path / "bad.json").exists()
+
+
+@pytest.mark.benchmark
+def test_a_run_cut_short_keeps_the_methods_it_finished(tiny, tmp_path, monkeypatch):
+    root, _, _ = tiny
+    import benchmarks.niah as niah
+
+    loaded = []
+
+    def load_or_stop(folder, what):  # the window-only model never comes: Ctrl-C or a time limit
+        loaded.append(what)
+        if len(loaded) == 2:  # the two stock rows share one model
+            raise KeyboardInterrupt
+        return load_method(folder, what)
+
+    load_method = niah.load_method
+    monkeypatch.setattr(niah, "load_method", load_or_stop)
+    out = tmp_path / "niah.json"
+    argv = ["--qwen", str(root / "titans"), "--haystack", str(root / "books"), "--tasks", "passkey"]
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--samples", "2", "--lengths", "100", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["stock mlx-lm, full attention", "stock mlx-lm, rotating cache 64+4"]
+    assert not out.with_suffix(".png").exists()
