@@ -211,7 +211,9 @@ def read_context(args) -> str:
             raise UserError(f"{path} is empty")
     if not (context + prompt).strip():
         raise UserError("empty prompt: give --prompt TEXT, --prompt - (stdin) or --file")
-    return context + ("\n\n" if context and prompt else "") + prompt
+    if context and prompt:  # a file's own last newlines would make the blank line before the question three
+        return context.rstrip("\r\n") + "\n\n" + prompt
+    return context + prompt
 
 
 class TitansLMRunner:

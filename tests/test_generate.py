@@ -296,3 +296,17 @@ def test_ctrl_c_as_a_user_presses_it(checkpoint, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().splitlines() == ["error: interrupted; nothing written"], err
     assert not out.exists()
+
+
+def test_a_file_and_a_prompt_join_with_one_blank_line(tmp_path):
+    """As the text needles are written (haystack, a blank line, the question): a file's own last newline must not
+    make it two."""
+    from types import SimpleNamespace
+
+    from mlx_titans.generate import read_context
+
+    for ending in ("", "\n", "\r\n", "\n\n"):
+        (tmp_path / "doc.txt").write_text("Once upon a time." + ending, newline="")
+        args = SimpleNamespace(prompt="What then?", file=tmp_path / "doc.txt")
+        assert read_context(args) == "Once upon a time.\n\nWhat then?"
+    assert read_context(SimpleNamespace(prompt=None, file=tmp_path / "doc.txt")) == "Once upon a time.\n\n"
