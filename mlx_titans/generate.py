@@ -24,6 +24,8 @@ from .prefill import prefill, tokens_seen
 from .prompt_cache import load_cache_file, save_cache_file
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
+# models shipped inside the package, by the name --model takes (a local path of that name comes first)
+EMBEDDED_MODELS = {"demo-qwen": Path(__file__).parent / "demo_qwen"}
 DEFAULT_MAX_CONTEXT = 524288
 # mlx_lm.generate's sampling, and the embedded default model's: greedy, that small model repeats one sentence for ever;
 # sampled with a mild repetition penalty and a fixed seed, it writes on, the same text at every run
@@ -37,7 +39,7 @@ def load(path=None, *, window: int | None = None, adapter_path=None):
     embedded default model), or a TitansQwen / plain Qwen folder or Hub id (see mlx_titans.qwen.load; a Hub id is
     converted once). The tokenizer is mlx-lm's TokenizerWrapper, so mlx-lm's generation and server take the pair
     as they take their own. ValueError (FileNotFoundError for a missing weights file) for what cannot be loaded."""
-    path = DEFAULT_MODEL if path is None else path
+    path = DEFAULT_MODEL if path is None else model_path(path)
     folder = titans_lm_checkpoint(Path(path)) if Path(path).is_dir() else None
     if folder is not None:
         if window is not None or adapter_path is not None:
@@ -60,6 +62,13 @@ def load(path=None, *, window: int | None = None, adapter_path=None):
         path = converted_from_hub(str(path))
     model, tokenizer, _ = qwen.load(path, window=window, adapter_path=adapter_path)
     return model, tokenizer
+
+
+def model_path(name):
+    """The folder of an embedded model's name (EMBEDDED_MODELS) where no local path has that name, else `name`."""
+    if isinstance(name, str) and name in EMBEDDED_MODELS and not Path(name).exists():
+        return EMBEDDED_MODELS[name]
+    return name
 
 
 def titans_lm_checkpoint(path: Path) -> Path | None:
@@ -300,7 +309,9 @@ def open_model(args):
         if not (DEFAULT_MODEL / "config.json").is_file():
             raise UserError("this install has no embedded default model; pass --model")
         return TitansLMRunner(DEFAULT_MODEL, args)
-    path = Path(args.model)
+    path = Path(model_path(args.model))
+    if args.model in EMBEDDED_MODELS and not path.exists():
+        raise UserError(f"this install has no embedded {args.model} model; pass a model folder or Hub id")
     if path.is_dir():
         try:
             folder = titans_lm_checkpoint(path)
@@ -310,7 +321,7 @@ def open_model(args):
             return TitansLMRunner(folder, args)
     elif path.exists() or args.model.startswith((".", "/", "~")):
         raise UserError(f"no model at {args.model} (expected a folder with config.json)")
-    return QwenRunner(args.model, args)
+    return QwenRunner(str(path) if path.exists() else args.model, args)
 
 
 def run(args) -> int:

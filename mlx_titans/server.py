@@ -29,7 +29,7 @@ from mlx_lm.server import APIHandler, CompletionRequest, ModelProvider, Response
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from .files import command_name
-from .generate import DEFAULT_MODEL, load, prefill_step
+from .generate import DEFAULT_MODEL, load, model_path, prefill_step
 from .prompt_cache import check_cache_file, load_cache_file, save_cache_file
 
 MEMORY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -136,7 +136,7 @@ class MemoryAPIHandler(APIHandler):
 
 def model_id(args) -> str:
     """The served model's name in /v1/models: its resolved folder, as mlx-lm names a local model, or its Hub id."""
-    path = Path(args.model or DEFAULT_MODEL)
+    path = Path(model_path(args.model) if args.model else DEFAULT_MODEL)
     return str(path.resolve()) if path.exists() else args.model
 
 
