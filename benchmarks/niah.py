@@ -153,6 +153,7 @@ def titans_qwen(args, save=lambda results: None):
     step = args.step or titans.segment_size
     methods = qwen_methods(args, titans)
     rows, perplexity, loaded, model = [], [], None, None
+    results = {"titans": titans.to_section(), "rows": rows, "perplexity": perplexity}  # filled as the methods run
     total = len(methods) * (len(samples) * args.samples + (args.perplexity_windows if args.perplexity_length else 0))
     bar = tqdm(total=total, desc="niah", unit="sample")
     for name, what, make_cache in methods:
@@ -197,9 +198,9 @@ def titans_qwen(args, save=lambda results: None):
                 f"{name}: loss {first:.4f} in the first {titans.window} positions"
                 + ("" if beyond is None else f", {beyond:.4f} beyond the window")
             )
-        save({"titans": titans.to_section(), "rows": rows, "perplexity": perplexity})
+        save(results)
     bar.close()
-    return {"titans": titans.to_section(), "rows": rows, "perplexity": perplexity}, {
+    return results, {
         "line": "method",
         "window": titans.window,
     }
