@@ -192,9 +192,11 @@ def text_streams(data, tokenizer, cache_dir) -> dict:
 
 
 def draw_batch(c: dict, stream, haystack, tokenizer, rng):
-    """A global batch (inputs, targets, weights, answer_rows): each row a needle row with probability
-    needle_fraction (its answer tokens weighing length / answer tokens each), else a random window of the text."""
-    L, rows = c["sample_length"], []
+    """A global batch (inputs, targets, weights, answer_rows) of one of the sample lengths, drawn at random: each row
+    a needle row with probability needle_fraction (its answer tokens weighing length / answer tokens each), else a
+    random window of the text."""
+    lengths = c["sample_length"]
+    L, rows = lengths[rng.integers(len(lengths))] if len(lengths) > 1 else lengths[0], []
     for _ in range(c["batch_size"]):
         if rng.uniform() < c["needle_fraction"]:
             task = c["needle_tasks"][rng.integers(len(c["needle_tasks"]))]
@@ -208,8 +210,9 @@ def draw_batch(c: dict, stream, haystack, tokenizer, rng):
 
 
 def validation_batches(c: dict, stream, haystack, tokenizer) -> list:
-    """The same held-out batches at every evaluation: windows of the valid text, and as many needle rows in it."""
-    L, B = c["sample_length"], c["batch_size"]
+    """The same held-out batches at every evaluation, at the longest sample length: windows of the valid text, and
+    as many needle rows in it."""
+    L, B = max(c["sample_length"]), c["batch_size"]
     text = [(*batch, np.zeros(B, bool)) for batch in valid_windows(stream, B, L, c["val_batches"])]
     rng = np.random.default_rng([0x7A11D, 1])
     needles = []
@@ -335,10 +338,11 @@ def setup(c: dict) -> Run:
     check_config(c, group.size())
     model, tokenizer = open_base(c["model"])
     titans = model.titans
-    c["sample_length"] = c["sample_length"] or 16 * titans.window
-    if c["sample_length"] <= titans.window + titans.sink_tokens:
+    lengths = c["sample_length"] or [16 * titans.window]
+    c["sample_length"] = [lengths] if isinstance(lengths, int) else lengths  # an int: a run from before lists
+    if min(c["sample_length"]) <= titans.window + titans.sink_tokens:
         raise ValueError(
-            f"--sample-length {c['sample_length']} is not longer than the window ({titans.window} "
+            f"--sample-length {min(c['sample_length'])} is not longer than the window ({titans.window} "
             f"tokens and {titans.sink_tokens} sinks): the memory would have nothing to carry"
         )
     if c["lora_layers"] > len(model.layers):
@@ -350,9 +354,9 @@ def setup(c: dict) -> Run:
     if group.rank() != 0:
         streams = text_streams(c["data"], tokenizer, cache_dir)
     for split, stream in streams.items():
-        if len(stream) <= c["sample_length"] + 1:
+        if len(stream) <= max(c["sample_length"]) + 1:
             raise ValueError(
-                f"the {split} documents hold {len(stream)} tokens, too few for one sample of {c['sample_length']}"
+                f"the {split} documents hold {len(stream)} tokens, too few for one sample of {max(c['sample_length'])}"
             )
     teacher = load_teacher(c["model"], model) if c["teacher"] == "full" else None
     mx.random.seed(c["seed"])  # LoRA's random initialization: the same on every process, and in every run
@@ -420,16 +424,19 @@ def adapt(config: dict) -> dict:
     ADAPTERS/summary.json). Bad settings or inputs raise ValueError before the first step."""
     run = setup(config)
     c, model, group = run.config, run.model, run.group
-    tokens_per_step = c["batch_size"] * c["sample_length"]
+
+    def one_step():
+        batch = draw_batch(c, run.streams["train"], run.haystack, run.tokenizer, run.rng)
+        return (*train_step(run, batch), batch[0].size)
+
     mx.reset_peak_memory()
     done = step_loop(
         run.step,
         c["iters"],
-        lambda: train_step(run, draw_batch(c, run.streams["train"], run.haystack, run.tokenizer, run.rng)),
+        one_step,
         lambda: evaluate(model, run.valid, group),
         lambda step: save_checkpoint(run, step),
         (c["steps_per_report"], c["steps_per_eval"], c["save_every"]),
-        tokens_per_step,
         [model.state, run.optimizer.state],
         run.optimizer,
         group.rank(),
@@ -440,7 +447,7 @@ def adapt(config: dict) -> dict:
         "step": step,
         "train_loss": done["train_loss"],
         **done["valid"],
-        "tokens": step * tokens_per_step,
+        "tokens": round(step * c["batch_size"] * np.mean(c["sample_length"])),  # expected, where lengths vary
         "tokens_per_s": done["tokens_per_s"],
         "train_seconds": done["train_seconds"],
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
@@ -473,7 +480,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--adapter-path", "output folder: adapters.safetensors, adapter_config.json, step-N/ checkpoints, log.jsonl")
     add("--resume", "continue from the newest checkpoint in --adapter-path", action="store_true")
-    add("--sample-length", "tokens per training sample (default: 16 x the window)", type=int)
+    add(
+        "--sample-length",
+        "tokens per training sample (default: 16 x the window); several lengths: each step draws one of them, so that "
+        "the memory learns to recall from every distance in between (validation at the longest)",
+        type=int,
+        nargs="+",
+    )
     add("--batch-size", "samples per step (global)", type=int)
     add("--iters", "optimizer steps", type=int)
     add("--learning-rate", "peak learning rate (warm-up, then cosine to min-lr-ratio x it)", type=float, dest="lr")
@@ -482,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--weight-decay", "AdamW weight decay", type=float)
     add("--grad-clip", "clip the global gradient norm to this", type=float)
     add("--needle-fraction", "share of samples that are text needle rows", type=float)
-    add("--needle-tasks", "text needle tasks mixed in", nargs="+")
+    add("--needle-tasks", "text needle tasks mixed in (a task named twice is drawn twice as often)", nargs="+")
     add("--teacher", "none: next-token loss; full: KL to the base with full attention over the whole sample")
     add("--lora-layers", "LoRA on the base's linears of the last N layers (0: none)", type=int)
     add("--lora-rank", "LoRA rank", type=int)

@@ -450,26 +450,26 @@ def step_loop(
     evaluate,
     save,
     every: tuple,
-    tokens_per_step: int,
     state,
     optimizer,
     rank: int,
     log_path,
 ) -> dict:
-    """The loop mlx_titans.train and mlx_titans.adapt share: one_step() -> (loss, grad norm) arrays of an optimizer
-    step, evaluated with `state` (the model's and optimizer's); every = (report, evaluate, save) periods in steps, the
+    """The loop mlx_titans.train and mlx_titans.adapt share: one_step() -> (loss, grad norm, tokens) of an optimizer
+    step (two arrays and the step's token count), evaluated with `state` (the model's and optimizer's); every = (report, evaluate, save) periods in steps, the
     last step doing all three. Reports go to a progress bar (loss, tok/s) and, on rank 0, to log.jsonl; evaluate()
     gives a dict of held-out metrics; save(step) writes a checkpoint (rank 0) and returns its path. Returns the last
     train loss and metrics, the training time (evaluations and checkpoints excluded) and the last checkpoint."""
     report_every, eval_every, save_every = every
     step, losses, window_steps, window_time, train_time = start, mx.array(0.0), 0, 0.0, 0.0
+    window_tokens = run_tokens = 0
     train_loss, valid, checkpoint = None, {}, None
     # closed on an error too, so that the error's message starts a line of its own
     with tqdm(total=steps, initial=start, disable=rank != 0, unit="step", dynamic_ncols=True) as bar:
         while step < steps:
             tic = time.perf_counter()
-            loss, grad_norm = one_step()
-            losses = losses + loss
+            loss, grad_norm, tokens = one_step()
+            losses, window_tokens = losses + loss, window_tokens + tokens
             mx.eval(state, losses, grad_norm)
             window_time += time.perf_counter() - tic
             step, window_steps, last = step + 1, window_steps + 1, step + 1 == steps
@@ -478,7 +478,7 @@ def step_loop(
                 train_loss = losses.item() / window_steps
                 if not math.isfinite(train_loss):
                     raise FloatingPointError(f"the training loss is {train_loss} at step {step}")
-                tokens_per_s = window_steps * tokens_per_step / window_time
+                tokens_per_s = window_tokens / window_time
                 records.append(
                     {
                         "step": step,
@@ -490,7 +490,8 @@ def step_loop(
                     }
                 )
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-                train_time, losses, window_steps, window_time = train_time + window_time, mx.array(0.0), 0, 0.0
+                train_time, run_tokens = train_time + window_time, run_tokens + window_tokens
+                losses, window_steps, window_time, window_tokens = mx.array(0.0), 0, 0.0, 0
             if step % eval_every == 0 or last:
                 valid = evaluate()
                 records.append({"step": step, **valid})
@@ -510,7 +511,7 @@ def step_loop(
         "valid": valid,
         "train_seconds": train_time,
         "checkpoint": checkpoint,
-        "tokens_per_s": (step - start) * tokens_per_step / train_time if train_time else None,
+        "tokens_per_s": run_tokens / train_time if train_time else None,
     }
 
 
@@ -528,11 +529,10 @@ def train_steps(run: Run) -> dict:
     done = step_loop(
         run.step,
         c["steps"],
-        lambda: step_fn(*to_device(shard(run.sample_batch(), rank, size))),
+        lambda: (*step_fn(*to_device(shard(run.sample_batch(), rank, size))), tokens_per_step),
         held_out,
         lambda step: save_checkpoint(run, step),
         (c["log_every"], c["eval_every"], c["checkpoint_every"]),
-        tokens_per_step,
         [model.state, optimizer.state],
         optimizer,
         rank,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+import mlx_titans.adapt as adapt_module
 from mlx_titans.adapt import main as adapt, sample_loss, text_streams, token_losses, value_and_grad
 from mlx_titans.fuse import main as fuse
 from mlx_titans.generate import main as generate
@@ -180,10 +181,19 @@ def test_adapt_distils_a_hybrid_vision_language_moe_and_fuses_it(base, hf, tmp_p
     assert mx.allclose(adapted(tokens), fused(tokens), atol=0.1)  # LoRA merged into 4-bit weights: requantized
 
 
-def test_resume_continues_exactly(base, tmp_path, capsys):
-    assert adapt(flags(base, tmp_path / "whole")) == 0
-    assert adapt(flags(base, tmp_path / "split", "--iters", "2")) == 0
-    assert adapt(flags(base, tmp_path / "split", "--resume")) == 0
+@pytest.mark.parametrize("lengths", [["128"], ["96", "128"]])
+def test_resume_continues_exactly(base, tmp_path, capsys, monkeypatch, lengths):
+    """Also with mixed sample lengths: each step draws one, the resumed run draws what the whole run drew."""
+    drawn = []
+    monkeypatch.setattr(
+        adapt_module,
+        "train_step",
+        lambda run, batch, f=adapt_module.train_step: drawn.append(batch[0].shape[1]) or f(run, batch),
+    )
+    assert adapt(flags(base, tmp_path / "whole", "--sample-length", *lengths)) == 0
+    assert adapt(flags(base, tmp_path / "split", "--sample-length", *lengths, "--iters", "2")) == 0
+    assert adapt(flags(base, tmp_path / "split", "--sample-length", *lengths, "--resume")) == 0
+    assert drawn[:4] == drawn[4:] and set(drawn) == set(map(int, lengths))
     a, b = (mx.load(str(tmp_path / name / "adapters.safetensors")) for name in ("whole", "split"))
     assert all(mx.array_equal(a[k], b[k]).item() for k in a)
 
