@@ -101,14 +101,13 @@ def qwen_methods(args, titans) -> list:
                 partial(make_prompt_cache, max_kv_size=titans.window + ROTATING_SINKS),
             )
         )
-    methods.append(("TitansQwen, no adapters", (None, None), make_prompt_cache))
+    methods.append(("TitansQwen, no adapters", (None, args.memory), make_prompt_cache))
     for adapters in args.adapters:
         if "on" in args.memory_updates:
-            methods.append((f"TitansQwen + {adapters}", (adapters, None), make_prompt_cache))
+            methods.append((f"TitansQwen + {adapters}", (adapters, args.memory), make_prompt_cache))
         if "off" in args.memory_updates:
-            methods.append(
-                (f"TitansQwen + {adapters}, memory updates off", (adapters, FROZEN_MEMORY), make_prompt_cache)
-            )
+            frozen = {**(args.memory or {}), **FROZEN_MEMORY}
+            methods.append((f"TitansQwen + {adapters}, memory updates off", (adapters, frozen), make_prompt_cache))
     return methods
 
 
@@ -229,12 +228,13 @@ def main(argv=None):
     p.add_argument("--out", default="niah.json", help="JSON results; the plot goes beside it as .png")
     lm = p.add_argument_group("TitansLM (--models)")
     lm.add_argument("--block", type=int, default=2048, help="tokens per forward call")
-    lm.add_argument(
+    p.add_argument(
         "--memory",
         type=json_arg,
         default=None,
         help="MemoryConfig fields to run the models with, e.g. '{\"max_decay\": 0.1}': forget ten times "
-        "slower than trained (README: what the forget gate does beyond the training length)",
+        "slower than trained (README: what the forget gate does beyond the training length); with --qwen, the "
+        "TitansQwen rows' memory (e.g. '{\"batch_size\": 64}': another update rule for the trained weights)",
     )
     qwen = p.add_argument_group("TitansQwen (--qwen)")
     qwen.add_argument("--adapters", nargs="+", default=[], help="memory adapter folders (mlx_titans.adapt): a row each")

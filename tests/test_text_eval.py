@@ -226,3 +226,20 @@ def test_a_run_cut_short_keeps_the_methods_it_finished(tiny, tmp_path, monkeypat
     rows = json.loads(out.read_text())["rows"]
     assert [r["method"] for r in rows] == ["stock mlx-lm, full attention", "stock mlx-lm, rotating cache 64+4"]
     assert not out.with_suffix(".png").exists()
+
+
+@pytest.mark.benchmark
+def test_memory_settings_apply_to_the_titans_qwen_rows(tiny, tmp_path):
+    """--memory runs the TitansQwen rows with other memory settings: frozen by it, the adapters' row is the
+    updates-off row, and the stock rows are untouched."""
+    root, _, _ = tiny
+    out = tmp_path / "niah.json"
+    argv = ["--qwen", str(root / "titans"), "--haystack", str(root / "books"), "--tasks", "passkey", "--samples", "2"]
+    argv += ["--adapters", str(root / "adapters"), "--memory-updates", "on", "off", "--stock", "full"]
+    main([*argv, "--lengths", "140", "--memory", '{"max_lr": 0.0, "max_decay": 0.0}', "--out", str(out)])
+    rows = {r["method"]: r["answer_loss"] for r in json.loads(out.read_text())["rows"]}
+    on, off = f"TitansQwen + {root / 'adapters'}", f"TitansQwen + {root / 'adapters'}, memory updates off"
+    assert rows[on] == rows[off] and rows[on] != rows["TitansQwen, no adapters"]
+    main([*argv, "--lengths", "140", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"][0]["answer_loss"] == rows["stock mlx-lm, full attention"]
+    assert {r["method"]: r["answer_loss"] for r in json.loads(out.read_text())["rows"]}[on] != rows[on]
