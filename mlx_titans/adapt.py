@@ -338,7 +338,7 @@ def setup(c: dict) -> Run:
     check_config(c, group.size())
     model, tokenizer = open_base(c["model"])
     titans = model.titans
-    lengths = c["sample_length"] or [16 * titans.window]
+    lengths = c["sample_length"] or [4 * titans.window, 8 * titans.window, 16 * titans.window]
     c["sample_length"] = [lengths] if isinstance(lengths, int) else lengths  # an int: a run from before lists
     if min(c["sample_length"]) <= titans.window + titans.sink_tokens:
         raise ValueError(
@@ -482,8 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", "continue from the newest checkpoint in --adapter-path", action="store_true")
     add(
         "--sample-length",
-        "tokens per training sample (default: 16 x the window); several lengths: each step draws one of them, so that "
-        "the memory learns to recall from every distance in between (validation at the longest)",
+        "tokens per training sample; several lengths: each step draws one of them, so that the memory learns to "
+        "recall from every distance in between (validation at the longest; default: 4, 8 and 16 x the window)",
         type=int,
         nargs="+",
     )
