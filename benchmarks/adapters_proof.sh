@@ -4,7 +4,7 @@
 # within its context, train memory adapters on samples of SAMPLE tokens, and run the needles for every method side by
 # side (stock full attention and rotating cache, the window alone, the adapters with the memory's updates on and off).
 # The adapters train on mixed lengths (SAMPLE: 4x, 8x and 16x the window) with number needles twice as often as pass
-# keys: what took the CPU proof's number recall at 16x from 5% to 95% (docs/adapters.md).
+# keys, the CPU proof's recipe (number at 16x from 5% to 95%; docs/adapters.md: equal weighting did as well).
 # Every stage is bounded by `timeout` so that a partial run still leaves its results in OUT.
 #   bash benchmarks/adapters_proof.sh                       # settings below; override any as VAR=value
 # LIMIT=seconds bounds the whole run: the needles get what the stages before them left (NIAH_S overrides).
