@@ -195,8 +195,9 @@ def draw_batch(c: dict, stream, haystack, tokenizer, rng):
     """A global batch (inputs, targets, weights, answer_rows) of one of the sample lengths, drawn at random: each row
     a needle row with probability needle_fraction (its answer tokens weighing length / answer tokens each), else a
     random window of the text."""
-    lengths = c["sample_length"]
-    L, rows = lengths[rng.integers(len(lengths))] if len(lengths) > 1 else lengths[0], []
+    lengths, rows = c["sample_length"], []
+    # a single length draws nothing from rng, so that runs from before several lengths resume exactly
+    L = lengths[rng.integers(len(lengths))] if len(lengths) > 1 else lengths[0]
     for _ in range(c["batch_size"]):
         if rng.uniform() < c["needle_fraction"]:
             task = c["needle_tasks"][rng.integers(len(c["needle_tasks"]))]
@@ -447,7 +448,7 @@ def adapt(config: dict) -> dict:
         "step": step,
         "train_loss": done["train_loss"],
         **done["valid"],
-        "tokens": round(step * c["batch_size"] * np.mean(c["sample_length"])),  # expected, where lengths vary
+        "run_tokens": done["tokens"],  # this run's steps (sample lengths may vary, and differ from a resumed run's)
         "tokens_per_s": done["tokens_per_s"],
         "train_seconds": done["train_seconds"],
         "peak_memory_gb": mx.get_peak_memory() / 1e9,

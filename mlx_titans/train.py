@@ -456,10 +456,11 @@ def step_loop(
     log_path,
 ) -> dict:
     """The loop mlx_titans.train and mlx_titans.adapt share: one_step() -> (loss, grad norm, tokens) of an optimizer
-    step (two arrays and the step's token count), evaluated with `state` (the model's and optimizer's); every = (report, evaluate, save) periods in steps, the
-    last step doing all three. Reports go to a progress bar (loss, tok/s) and, on rank 0, to log.jsonl; evaluate()
-    gives a dict of held-out metrics; save(step) writes a checkpoint (rank 0) and returns its path. Returns the last
-    train loss and metrics, the training time (evaluations and checkpoints excluded) and the last checkpoint."""
+    step (two arrays and its token count), evaluated with `state` (the model's and optimizer's); every = (report,
+    evaluate, save) periods in steps, the last step doing all three. Reports go to a progress bar (loss, tok/s) and,
+    on rank 0, to log.jsonl; evaluate() gives a dict of held-out metrics; save(step) writes a checkpoint (rank 0) and
+    returns its path. Returns the last train loss and metrics, the training time (evaluations and checkpoints
+    excluded), the tokens this run's steps took and the last checkpoint."""
     report_every, eval_every, save_every = every
     step, losses, window_steps, window_time, train_time = start, mx.array(0.0), 0, 0.0, 0.0
     window_tokens = run_tokens = 0
@@ -511,6 +512,7 @@ def step_loop(
         "valid": valid,
         "train_seconds": train_time,
         "checkpoint": checkpoint,
+        "tokens": run_tokens,
         "tokens_per_s": run_tokens / train_time if train_time else None,
     }
 

@@ -194,6 +194,8 @@ def test_resume_continues_exactly(base, tmp_path, capsys, monkeypatch, lengths):
     assert adapt(flags(base, tmp_path / "split", "--sample-length", *lengths, "--iters", "2")) == 0
     assert adapt(flags(base, tmp_path / "split", "--sample-length", *lengths, "--resume")) == 0
     assert drawn[:4] == drawn[4:] and set(drawn) == set(map(int, lengths))
+    summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert summary["run_tokens"] == 2 * sum(drawn[:4])  # batch 2: the tokens the steps took, whatever their lengths
     a, b = (mx.load(str(tmp_path / name / "adapters.safetensors")) for name in ("whole", "split"))
     assert all(mx.array_equal(a[k], b[k]).item() for k in a)
 
