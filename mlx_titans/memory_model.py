@@ -11,6 +11,7 @@ wrapper of the paper/TTT, `gamma`: M(x) = LayerNorm(MLP(x)) * (1 + gamma) + x.
 import math
 
 import mlx.core as mx
+import mlx.nn as nn
 
 LN_EPS = 1e-5
 
@@ -78,24 +79,41 @@ def normal_pdf(a):
 # GELU and its slope have their exact derivatives as vjps: autodiff through the polynomials (a trained memory's
 # backward) would keep each of their steps, and the slopes would be the polynomials' own.
 @mx.custom_function
-def gelu(x):
+def gelu_polynomial(x):
     """nn.gelu (exact, erf-based) with the fast erf."""
     return 0.5 * x * (1.0 + erf(x * (1 / math.sqrt(2))))
 
 
 @mx.custom_function
-def gelu_grad(a):
+def gelu_grad_polynomial(a):
     return 0.5 * (1.0 + erf(a * (1 / math.sqrt(2)))) + a * normal_pdf(a)
 
 
-@gelu.vjp
-def gelu_vjp(x, cotangent, output):
-    return cotangent * gelu_grad(x)
+@gelu_polynomial.vjp
+def gelu_polynomial_vjp(x, cotangent, output):
+    return cotangent * gelu_grad_polynomial(x)
 
 
-@gelu_grad.vjp
-def gelu_grad_vjp(a, cotangent, output):
+@gelu_grad_polynomial.vjp
+def gelu_grad_polynomial_vjp(a, cotangent, output):
     return cotangent * (2 - a * a) * normal_pdf(a)
+
+
+def on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
+
+
+def gelu(x):
+    """nn.gelu. On the CPU through the polynomials, whose reason is the CPU's scalar erf and exp; on a GPU MLX's own
+    (vectorised there; the form the H100 measurements in docs/memory.md ran)."""
+    return gelu_polynomial(x) if on_cpu() else nn.gelu(x)
+
+
+def gelu_grad(a):
+    """GELU's slope, as `gelu` chooses its form."""
+    if on_cpu():
+        return gelu_grad_polynomial(a)
+    return 0.5 * (1.0 + mx.erf(a * (1 / math.sqrt(2)))) + a * mx.exp(-0.5 * a * a) * (1 / math.sqrt(2 * math.pi))
 
 
 def memory_forward(weights: dict, x):

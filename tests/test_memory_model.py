@@ -4,6 +4,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
+from mlx_titans import memory_model
 from mlx_titans.memory_model import erf, exp, gelu, gelu_grad, init_memory_weights, memory_grads, memory_grads_autodiff
 from mlx_titans.scan import scan_loop, scan_matmul
 
@@ -11,7 +12,9 @@ from mlx_titans.scan import scan_loop, scan_matmul
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("residual_norm", [True, False])
 @pytest.mark.parametrize("loss", ["l2", "huber"])
-def test_manual_grads_match_vmap_grad(depth, residual_norm, loss):
+@pytest.mark.parametrize("polynomial_gelu", [True, False], ids=["cpu-gelu", "gpu-gelu"])
+def test_manual_grads_match_vmap_grad(depth, residual_norm, loss, polynomial_gelu, monkeypatch):
+    monkeypatch.setattr(memory_model, "on_cpu", lambda: polynomial_gelu)  # both of gelu's forms, on this CPU
     mx.random.seed(depth)
     B, m, c, d = 3, 4, 5, 8
     w = init_memory_weights(d, depth, 2.0, residual_norm)
@@ -27,9 +30,12 @@ def test_manual_grads_match_vmap_grad(depth, residual_norm, loss):
         assert mx.allclose(ours[name], oracle[name], atol=1e-5, rtol=1e-4), name
 
 
-def test_fast_erf_exp_and_gelu_are_float32_accurate():
+@pytest.mark.parametrize("polynomial_gelu", [True, False], ids=["cpu-gelu", "gpu-gelu"])
+def test_fast_erf_exp_and_gelu_are_float32_accurate(polynomial_gelu, monkeypatch):
     """The rational erf and the range-reduced exp (MLX's run scalar on the CPU) agree with float64 to float32
-    precision; GELU, its slope and the slopes' vjps agree with nn.gelu's autodiff."""
+    precision; GELU, its slope and the slopes' vjps, in the form the CPU runs and the form a GPU runs, agree with
+    nn.gelu's autodiff."""
+    monkeypatch.setattr(memory_model, "on_cpu", lambda: polynomial_gelu)
     x = mx.linspace(-10, 10, 4001)
     assert max(abs(a - math.erf(v)) for a, v in zip(erf(x).tolist(), x.tolist())) < 1e-6
     neg = mx.linspace(-80, 0, 4001)
