@@ -7,7 +7,7 @@ the work added or taken away, in interleaved rounds in one process with the same
 mlx-lm's prefill evaluates only the caches (`mx.eval([c.state for c in cache])` per step), so the last layer's
 attention output and MLP, which no cache needs, are never computed. A memory layer reads the attention output
 (`h + gate * memory(norm(h))`), so a memory in the last layer makes that layer's attention part of the cache's state.
-Parts, each a fresh cache prefilled to --context in steps of --prefill-step-size:
+Parts, each a fresh cache prefilled to --context in steps of --prefill-step-size (once unmeasured, then per round):
 
     rotating                        stock mlx-lm, RotatingKVCache(--max-kv-size, keep 4): the reference
     rotating, last layer computed   the same, also evaluating the final hidden states (what a memory there forces)
@@ -72,11 +72,16 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default="prefill_parts.json")
     args = p.parse_args(argv)
+    if args.context < 1 or args.rounds < 1:
+        p.error("--context and --rounds must be >= 1")
     path, config, titans, name = model_source(args)
     models = parts(args, config, titans, path)
     vocab = text_config(config)["vocab_size"]
     if args.burn_in:
         burn_in(models["rotating"][0], "rotating", vocab, args)
+    warmup = random_tokens(args.context, vocab)[None]
+    for model, method, last_layer in models.values():  # unmeasured: each part compiles its kernels before round 1
+        prefill_seconds(model, make_cache(model, method, args.max_kv_size), warmup, args.prefill_step_size, last_layer)
     rounds = []
     for r in range(args.rounds):
         tokens = random_tokens(args.context, vocab)[None]

@@ -72,8 +72,13 @@ def exp(x):
     return p * mx.stop_gradient(mx.left_shift(k.astype(mx.int32) + 127, 23).view(mx.float32).astype(x.dtype))
 
 
-def normal_pdf(a):
+def normal_pdf(a, exp=exp):
     return exp(-0.5 * a * a) * (1 / math.sqrt(2 * math.pi))
+
+
+def gelu_slope(a, erf=erf, exp=exp):
+    """d gelu / da, through the given erf and exp."""
+    return 0.5 * (1.0 + erf(a * (1 / math.sqrt(2)))) + a * normal_pdf(a, exp)
 
 
 # GELU and its slope have their exact derivatives as vjps: autodiff through the polynomials (a trained memory's
@@ -86,7 +91,7 @@ def gelu_polynomial(x):
 
 @mx.custom_function
 def gelu_grad_polynomial(a):
-    return 0.5 * (1.0 + erf(a * (1 / math.sqrt(2)))) + a * normal_pdf(a)
+    return gelu_slope(a)
 
 
 @gelu_polynomial.vjp
@@ -111,9 +116,7 @@ def gelu(x):
 
 def gelu_grad(a):
     """GELU's slope, as `gelu` chooses its form."""
-    if on_cpu():
-        return gelu_grad_polynomial(a)
-    return 0.5 * (1.0 + mx.erf(a * (1 / math.sqrt(2)))) + a * mx.exp(-0.5 * a * a) * (1 / math.sqrt(2 * math.pi))
+    return gelu_grad_polynomial(a) if on_cpu() else gelu_slope(a, mx.erf, mx.exp)
 
 
 def memory_forward(weights: dict, x):
