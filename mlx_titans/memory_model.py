@@ -139,18 +139,24 @@ def loss_grad(err, lr, loss: str, huber_delta):
     return err * (lr[..., None] * (2.0 / d))
 
 
-def memory_grads(weights: dict, keys, values, lr, loss: str = "l2", huber_delta=None) -> dict:
+def memory_grads(weights: dict, keys, values, lr, loss: str = "l2", huber_delta=None, queries=None):
     """Per-chunk gradients of L_j(W) = sum_{i in chunk j} lr_i * mean_d loss(M_W(k_i) - v_i), all taken at W.
 
     weights: (B, ...) shared by the m chunks; keys, values: (B, m, c, d); lr: (B, m, c).
     Returns a dict of (B, m, ...) gradients. Written by hand: one matmul per layer for the whole block, and
     the per-chunk weight gradients as batched (in x c) @ (c x out) products.
+    With queries (B, q, d), returns (gradients, M_W(queries)): the queries' rows ride in the keys' forward matmuls,
+    which on a GPU costs nothing where reading separately costs a launch per layer (the sequential rule reads the
+    weights a chunk left at the next chunk's gradient).
     """
     B, m, c, d = keys.shape
-    x = keys.reshape(B, m * c, d)
+    n = m * c
+    x = keys.reshape(B, n, d)
+    rows = x if queries is None else mx.concatenate([x, queries], axis=1)
+    keys_only = (lambda t: t) if queries is None else (lambda t: t[:, :n])
     mats = _matrices(weights)
     inputs, pre_acts = [], []
-    h = x
+    h = rows
     for i, w in enumerate(mats):
         if i:
             pre_acts.append(h)
@@ -161,20 +167,27 @@ def memory_grads(weights: dict, keys, values, lr, loss: str = "l2", huber_delta=
     if "gamma" in weights:
         normed, rstd = _layer_norm(h)
         scale = 1 + weights["gamma"][:, None, :]
-        err = normed * scale + x - values.reshape(B, m * c, d)
-        dy = loss_grad(err, lr.reshape(B, m * c), loss, huber_delta)
+        read = normed[:, n:] * scale + queries if queries is not None else None
+        normed, rstd = keys_only(normed), keys_only(rstd)
+        err = normed * scale + x - values.reshape(B, n, d)
+        dy = loss_grad(err, lr.reshape(B, n), loss, huber_delta)
         grads["gamma"] = (dy * normed).reshape(B, m, c, d).sum(2)
         dn = dy * scale
         g = rstd * (dn - dn.mean(-1, keepdims=True) - normed * (dn * normed).mean(-1, keepdims=True))
     else:
-        err = h - values.reshape(B, m * c, d)
-        g = loss_grad(err, lr.reshape(B, m * c), loss, huber_delta)
+        read = h[:, n:] if queries is not None else None
+        err = keys_only(h) - values.reshape(B, n, d)
+        g = loss_grad(err, lr.reshape(B, n), loss, huber_delta)
     for i in reversed(range(len(mats))):
-        inp = inputs[i].reshape(B, m, c, -1)
-        grads[f"w{i}"] = inp.swapaxes(-1, -2) @ g.reshape(B, m, c, -1)
+        inp = keys_only(inputs[i])
+        if m == 1:  # no reshape: keys_only's rows are not contiguous and reshaping them would copy
+            grads[f"w{i}"] = (inp.swapaxes(-1, -2) @ g)[:, None]
+        else:
+            grads[f"w{i}"] = inp.reshape(B, m, c, -1).swapaxes(-1, -2) @ g.reshape(B, m, c, -1)
         if i:
-            g = (g @ mats[i].swapaxes(-1, -2)) * gelu_grad(pre_acts[i - 1])
-    return {name: grads[name] for name in weights}
+            g = (g @ mats[i].swapaxes(-1, -2)) * gelu_grad(keys_only(pre_acts[i - 1]))
+    grads = {name: grads[name] for name in weights}
+    return grads if queries is None else (grads, read)
 
 
 def memory_loss(weights: dict, keys, values, lr, loss: str = "l2", huber_delta=None):

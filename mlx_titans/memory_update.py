@@ -41,6 +41,11 @@ def store_chunks(cfg, weights, momentum, reference, keys, values, lr, eta, keep,
     Returns (weights, momentum, the weights after each chunk {name: (B, m, ...)}).
     """
     grads = memory_grads(reference, keys, values, lr, cfg.loss, hp["huber_delta"])
+    return apply_grads(cfg, weights, momentum, grads, eta, keep, hp)
+
+
+def apply_grads(cfg, weights, momentum, grads, eta, keep, hp):
+    """store_chunks given the chunks' gradients {name: (B, m, ...)}: clipping, momentum and forgetting."""
     if cfg.max_grad_norm is not None:
         grads = {name: clamp_norm(g, hp["max_grad_norm"]) for name, g in grads.items()}
     if not cfg.momentum:
@@ -55,7 +60,7 @@ def store_chunks(cfg, weights, momentum, reference, keys, values, lr, eta, keep,
         if cfg.momentum:
             carried = []
             for order in range(cfg.momentum_order):
-                update = scan(eta[order], update, momentum[name][order])
+                update = scan(eta[order, ...], update, momentum[name][order, ...])
                 carried.append(update[:, -1])
             new_momentum[name] = mx.stack(carried)
         after_each[name] = scan(decay_gate(name, keep, g.shape[2:], cfg.depth), update, weights[name])
@@ -88,7 +93,7 @@ def single_chunk_update(weights, momentum, grads, eta, keep):
         expand = lambda gate: gate.reshape(-1, *([1] * (g.ndim - 2)))
         update, carried = -g[:, 0], []
         for order in range(eta.shape[0]):
-            update = expand(eta[order, :, 0]) * momentum[name][order] + update
+            update = expand(eta[order, :, 0]) * momentum[name][order, ...] + update  # [order] alone gathers (copies)
             carried.append(update)
         if carried:
             new_momentum[name] = mx.stack(carried)
@@ -106,13 +111,17 @@ def parallel_step(cfg, weights, momentum, reference, keys, values, lr, eta, keep
 
 
 def sequential_step(cfg, weights, momentum, keys, values, lr, eta, keep, queries, hp):
-    """Chunk after chunk, each gradient at the weights left by the chunk before (the paper's default)."""
-    out = []
-    for t in range(keys.shape[1]):
+    """Chunk after chunk, each gradient at the weights left by the chunk before (the paper's default). Query group
+    t reads the weights chunk t left, which chunk t + 1's gradient takes: its rows ride in that forward."""
+    out, m, g = [], keys.shape[1], queries.shape[1]
+    for t in range(m):
         sl = slice(t, t + 1)
-        weights, momentum, _ = store_chunks(
-            cfg, weights, momentum, weights, keys[:, sl], values[:, sl], lr[:, sl], eta[:, :, sl], keep[:, sl], hp
-        )
-        if t < queries.shape[1]:
-            out.append(memory_forward(weights, queries[:, t]))
+        grads = memory_grads(weights, keys[:, sl], values[:, sl], lr[:, sl], cfg.loss, hp["huber_delta"],
+                             queries[:, t - 1] if 0 < t <= g else None)  # fmt: skip
+        if 0 < t <= g:
+            grads, read = grads
+            out.append(read)
+        weights, momentum, _ = apply_grads(cfg, weights, momentum, grads, eta[:, :, sl], keep[:, sl], hp)
+    if g == m:
+        out.append(memory_forward(weights, queries[:, m - 1]))
     return weights, momentum, mx.stack(out, axis=1) if out else queries

@@ -5,7 +5,16 @@ import mlx.nn as nn
 import pytest
 
 from mlx_titans import memory_model
-from mlx_titans.memory_model import erf, exp, gelu, gelu_grad, init_memory_weights, memory_grads, memory_grads_autodiff
+from mlx_titans.memory_model import (
+    erf,
+    exp,
+    gelu,
+    gelu_grad,
+    init_memory_weights,
+    memory_forward,
+    memory_grads,
+    memory_grads_autodiff,
+)
 from mlx_titans.scan import scan_loop, scan_matmul
 
 
@@ -28,6 +37,28 @@ def test_manual_grads_match_vmap_grad(depth, residual_norm, loss, polynomial_gel
     for name in ours:
         assert ours[name].shape == (B, m, *w[name].shape[1:])
         assert mx.allclose(ours[name], oracle[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("residual_norm", [True, False])
+def test_grads_with_queries_read_the_same_weights(m, residual_norm):
+    """Queries riding in the gradient's forward (the sequential rule's read) change no gradient, and read what
+    memory_forward reads at the same weights."""
+    mx.random.seed(m)
+    B, c, q, d = 2, 4, 6, 8
+    w = init_memory_weights(d, 2, 2.0, residual_norm)
+    w = {n: mx.broadcast_to(t, (B, *t.shape)) + 0.1 * mx.random.normal((B, *t.shape)) for n, t in w.items()}
+    keys, values, lr = (
+        mx.random.normal((B, m, c, d)),
+        mx.random.normal((B, m, c, d)),
+        mx.random.uniform(shape=(B, m, c)),
+    )
+    queries = mx.random.normal((B, q, d))
+    grads, read = memory_grads(w, keys, values, lr, queries=queries)
+    alone = memory_grads(w, keys, values, lr)
+    for name in alone:
+        assert mx.allclose(grads[name], alone[name], atol=1e-6), name
+    assert mx.allclose(read, memory_forward(w, queries), atol=1e-5)
 
 
 @pytest.mark.parametrize("polynomial_gelu", [True, False], ids=["cpu-gelu", "gpu-gelu"])
