@@ -75,14 +75,15 @@ def test_cache_bytes_equal_a_fed_titans_cache(hf, arch, dtype, dtype_bytes):
 
 def test_peak_grows_by_one_full_cache_per_segment():
     """Past the window, every segment more keeps one more cache: sinks + window keys and values of every layer, and
-    the state of the 4 memory layers (heads x (the memory MLP's weights + momentum), float32)."""
+    the state of the 4 memory layers (heads x (the memory MLP's weights + momentum + the gradient reference the
+    default's 8 chunks share), float32)."""
     config = preset_config("qwen2.5-7b")
     titans = default_section(config)
     full = cost_model.cache_bytes(config, titans, 8192)
     short, long = (cost_model.adapt_peak_bytes(config, titans, n)["total"] for n in (16384, 20480))
     assert long - short == pytest.approx(2 * full)
     mlp = 128 * 512 + 512 * 128 + 128  # w0, w1, gamma
-    assert full == 4100 * cost_model.kv_bytes_per_token(config) + 4 * 4 * 2 * mlp * 4
+    assert full == 4100 * cost_model.kv_bytes_per_token(config) + 4 * 4 * 3 * mlp * 4
 
 
 def test_peak_is_near_a_measured_step():
