@@ -65,7 +65,7 @@ def text_config(config: dict) -> dict:
 DEFAULT_MEMORY = {"heads": 4, "chunk_size": 64}
 # chunks per gradient reference (batch_size = 8 chunks): at the qwen2.5-7b shape on an H100 the exact rule
 # prefilled 4K at 0.85x stock's rotating cache and 8 chunks at 0.93x; adapters trained with it recalled as the exact
-# rule's did (docs/qwen.md, "A gradient reference per 8 chunks")
+# rule's did (docs/qwen.md, "Measured: a gradient reference per 8 chunks")
 DEFAULT_CHUNKS_PER_REFERENCE = 8
 
 
