@@ -24,7 +24,7 @@ python3 -m benchmarks.qwen_base ${STAGES:-tokenizer model data train fuse} --wor
 el trained
 python3 -m mlx_titans.qwen.convert --hf-path $W/base/base --mlx-path $W/titans --dtype bfloat16 --window $WIN \
   --sink-tokens 4 --segment-size $WIN --chunk-size 16 --memory-heads 4 --memory-dim-head 64 \
-  --memory '{"max_decay": 0.1, "init_decay_bias": -4.0}' ${CONVERT_ARGS:-}
+  --memory '{"max_decay": 0.1, "init_decay_bias": -4.0, "batch_size": null}' ${CONVERT_ARGS:-}
 el converted
 timeout ${CHECK_S:-60} python3 -m benchmarks.niah --qwen $W/titans --stock full --tasks passkey number \
   --lengths $((LEN / 2)) $LEN --samples 10 --haystack $B/valid --out $OUT/base_check.json
