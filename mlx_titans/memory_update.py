@@ -68,15 +68,17 @@ def apply_grads(cfg, weights, momentum, grads, eta, keep, hp):
 
 
 def fused_update(weights, momentum, grads, eta, keep):
-    """Momentum and forgetting for scalar gates: one matmul per weight tensor (see momentum_decay_matrix)."""
+    """Momentum and forgetting for scalar gates: one matmul per weight tensor (see momentum_decay_matrix), the
+    gradients' minus sign in the matrix (negating them would hold another copy of every chunk's weights)."""
     o, (B, m) = eta.shape[0], keep.shape
     if m == 1:  # one chunk (the paper's sequential rule): plain elementwise updates beat a tiny matmul
         return single_chunk_update(weights, momentum, grads, eta, keep)
-    transition = momentum_decay_matrix(eta, keep)
+    sign = mx.concatenate([mx.full((m,), -1.0, keep.dtype), mx.ones((o + 1,), keep.dtype)])
+    transition = momentum_decay_matrix(eta, keep) * sign
     new_momentum, after_each = {}, {}
     for name, g in grads.items():
         shape = g.shape[2:]
-        inputs = [-g.reshape(B, m, -1)]
+        inputs = [g.reshape(B, m, -1)]
         if o:
             inputs.append(momentum[name].reshape(o, B, -1).transpose(1, 0, 2))
         inputs.append(weights[name].reshape(B, 1, -1))
