@@ -121,9 +121,10 @@ def sequential_step(cfg, weights, momentum, keys, values, lr, eta, keep, queries
     out, m, g = [], keys.shape[1], queries.shape[1]
     for t in range(m):
         sl = slice(t, t + 1)
-        grads = memory_grads(weights, keys[:, sl], values[:, sl], lr[:, sl], cfg.loss, hp["huber_delta"],
-                             queries[:, t - 1] if 0 < t <= g else None)  # fmt: skip
-        if 0 < t <= g:
+        reading = 0 < t <= g  # query group t - 1 reads the weights this chunk's gradient is taken at
+        query_rows = queries[:, t - 1] if reading else None
+        grads = memory_grads(weights, keys[:, sl], values[:, sl], lr[:, sl], cfg.loss, hp["huber_delta"], query_rows)
+        if reading:
             grads, read = grads
             out.append(read)
         weights, momentum, _ = apply_grads(cfg, weights, momentum, grads, eta[:, :, sl], keep[:, sl], hp)

@@ -1,5 +1,7 @@
 """TitansQwenConfig's defaults: a gradient reference shared by 8 chunks unless the section says otherwise."""
 
+import pytest
+
 from mlx_titans.qwen.config import TitansQwenConfig
 
 
@@ -14,3 +16,8 @@ def test_default_rule_shares_a_reference_per_8_chunks_and_old_sections_keep_thei
     assert exact.memory.batch_size is None and exact.memory.refresh_chunks == 1
     written = resolve({}).to_section()
     assert TitansQwenConfig.from_section(written, 8, 256) == resolve({})
+
+
+def test_a_chunk_size_of_the_wrong_type_is_named_not_multiplied():
+    with pytest.raises(ValueError, match="chunk_size must be int, got '64'"):
+        resolve({"chunk_size": "64"})

@@ -112,10 +112,11 @@ class TitansQwenConfig:
             bad(f"memory_layers must be a list of layer indices, got {layers!r}")
         layers = tuple(sorted(set(default_memory_layers(num_layers) if layers is None else layers)))
         sizes = {k: section[k] for k in ("window", "sink_tokens", "segment_size") if k in section}
+        chunk = memory.get("chunk_size", DEFAULT_MEMORY["chunk_size"])
         defaults = {
             **DEFAULT_MEMORY,
             "dim_head": default_dim_head(hidden_size, memory.get("heads", DEFAULT_MEMORY["heads"])),
-            "batch_size": DEFAULT_CHUNKS_PER_REFERENCE * memory.get("chunk_size", DEFAULT_MEMORY["chunk_size"]),
+            "batch_size": DEFAULT_CHUNKS_PER_REFERENCE * chunk if type(chunk) is int else None,  # bad: checked below
         }
         cfg = cls(layers, MemoryConfig.from_dict({**defaults, **memory, "dim": hidden_size}), **sizes)
         check_field_types(cfg)
